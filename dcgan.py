@@ -417,6 +417,7 @@ def preload(opt, dataset, key, device, rank, log):
             if path and rank == 0:
                 try:
                     os.makedirs(opt.cache_dir, exist_ok=True)
+                    clean_stale_temporaries(opt.cache_dir)
                     for old in glob.glob(os.path.join(opt.cache_dir, key.rsplit("-", 1)[0] + "-*.pt")):
                         os.remove(old)  # an older decode of the same folder at the same size
                     atomic_save(data, path)
