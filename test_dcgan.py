@@ -18,9 +18,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 TINY = ["--imageSize", "16", "--ngf", "8", "--ndf", "8", "--batchSize", "16", "--log-every", "4"]
 
 
-def run_main(argv, capsys=None):
-    code = dcgan.main([str(a) for a in argv])
-    return code
+def run_main(argv):
+    """dcgan.main in this process; returns its exit code."""
+    return dcgan.main([str(a) for a in argv])
 
 
 def cli(args, **kw):
