@@ -195,8 +195,8 @@ def choose_speed_settings(opt, device):
     """amp dtype, channels_last, compile and CUDA graphs: explicit flags win; the defaults follow
     what was measured (README, Performance). Precision: fp32 (TF32 matmuls on CUDA). bf16 was
     1.4x faster on an H100 but learned measurably worse on the synthetic faces (3 seeds of 3),
-    so it is opt-in. channels_last: on for CUDA and for fp32 on CPU; bf16 with channels_last was
-    measured much slower on CPU. CUDA graphs: on with one CUDA GPU."""
+    so it is opt-in. channels_last: on for CUDA and for fp32 on CPU, off for bf16 on CPU, where
+    the two together were reported about 8x slower. CUDA graphs: on with one CUDA GPU."""
     amp = "off" if opt.amp == "auto" else opt.amp
     if amp == "fp16" and device.type != "cuda":
         raise Fail(EXIT_USAGE, "--amp fp16 needs a CUDA GPU; use --amp bf16 or --amp off")
@@ -1004,11 +1004,7 @@ def train(opt, device, rank, world):
         bad = tr.bad_step.item()
         where = f"a non-finite loss or D output at epoch {bad // per_epoch}, iteration {bad % per_epoch} (step {bad})"
         if bad < 0 and state is not None:
-            by_device = {}
-            for t in tensors_in(state):
-                if t.is_floating_point():
-                    by_device.setdefault(t.device, []).append(torch.isfinite(t).all())
-            if not all(torch.stack(flags).all() for flags in by_device.values()):
+            if not all(bool(torch.isfinite(t).all()) for t in tensors_in(state) if t.is_floating_point()):
                 bad, where = step, f"non-finite weights or optimizer state at epoch {epoch}, step {step}"
         if bad >= 0:
             raise Fail(EXIT_DIVERGED, f"training diverged: {where}; nothing after it was saved; "
