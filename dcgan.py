@@ -16,15 +16,20 @@ The file reads top to bottom: configuration, device and distributed setup, data,
 training step, checkpoints and samples, main. Import it to use the pieces: nothing runs on import.
 """
 import argparse
+import datetime
 import glob
 import hashlib
+import inspect
 import math
 import os
 import random
+import shutil
 import signal
+import socket
 import sys
 import time
 import warnings
+import zipfile
 
 import torch
 import torch.distributed as dist
@@ -45,9 +50,9 @@ EXIT_USAGE, EXIT_DATA, EXIT_FILE, EXIT_DEVICE, EXIT_OUTPUT, EXIT_DIVERGED = 2, 3
 class Fail(Exception):
     """A mistake or condition a person can act on: main() prints the message and exits with code."""
 
-    def __init__(self, code, message):
+    def __init__(self, code, message, quiet=False):
         super().__init__(message)
-        self.code = code
+        self.code, self.quiet = code, quiet  # quiet: another rank prints it
 
 
 # ------------------------------------------------------------------------------------------------
@@ -56,7 +61,7 @@ class Fail(Exception):
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, not argparse's usage block
-        self.exit(EXIT_USAGE, f"dcgan.py: error: {message} (see --help)\n")
+        raise Fail(EXIT_USAGE, f"{message} (see --help)")
 
 
 def build_parser():
@@ -101,7 +106,7 @@ def build_parser():
     a("--log-every", type=int, default=50, help="log every N iterations (default: %(default)s)")
     a("--save-every", type=int, default=0, help="also save the checkpoint every N iterations (0: off)")
     a("--save-minutes", type=float, default=10.0, help="also save the checkpoint every N minutes, 0 for never (default: %(default)s)")
-    a("--max-steps", type=int, default=0, help="stop (and save) after N iterations in total (0: no limit)")
+    a("--max-steps", type=int, default=0, help="stop (and save) after N iterations in this run (0: no limit)")
     a("--resume", nargs="?", const="", default=None, metavar="PATH",
       help="continue from a checkpoint (default PATH: OUTF/checkpoint.pt)")
     a("--generate", type=int, default=0, metavar="N",
@@ -126,6 +131,7 @@ def parse_args(argv=None):
         (opt.generate >= 0, "--generate must be 0 or more"),
         (not (opt.generate and not opt.netG), "--generate needs --netG PATH (weights or a checkpoint)"),
         (opt.manualSeed >= 0, "--manualSeed must be 0 or more"),
+        (not (opt.dry_run and opt.resume is not None), "--dry-run writes no checkpoint and cannot --resume one; drop one of them"),
     ]
     for ok, message in checks:
         if not ok:
@@ -158,9 +164,11 @@ def pick_device(opt, local_rank=0):
             raise Fail(EXIT_DEVICE, f"--device {opt.device} is not usable here ({str(e).splitlines()[0]})")
         return device
     if opt.accel:
-        if not torch.accelerator.is_available():
-            raise Fail(EXIT_DEVICE, "--accel was given but no accelerator is present; drop --accel to run on the CPU")
-        return torch.device(torch.accelerator.current_accelerator().type, local_rank)
+        if torch.accelerator.is_available():
+            return torch.device(torch.accelerator.current_accelerator().type, local_rank)
+        # as pytorch/examples does: no accelerator is not an error, the CPU runs it
+        print("warning: --accel was given but no accelerator is present; running on the CPU", file=sys.stderr)
+        return torch.device("cpu")
     if torch.cuda.is_available():
         return torch.device("cuda", local_rank)
     for kind in ("mps", "xpu"):
@@ -170,25 +178,97 @@ def pick_device(opt, local_rank=0):
     return torch.device("cpu")
 
 
+class Ranks:
+    """Who this process is under torchrun, and the few collectives a run needs besides DDP's
+    gradient all-reduce: agreeing on errors, on stopping and on saving, and gathering each rank's
+    RNG state. They run over a gloo group on the CPU, so none of them waits for the GPU. With one
+    process every method is local and free."""
+
+    def __init__(self, rank=0, world=1, local_rank=0, local_world=1, group=None):
+        self.rank, self.world, self.local_rank, self.local_world = rank, world, local_rank, local_world
+        self.main, self.group, self.pending = rank == 0, group, None
+
+    def gather(self, obj):
+        """[obj of rank 0, obj of rank 1, ...] on every rank."""
+        if self.world == 1:
+            return [obj]
+        out = [None] * self.world
+        dist.all_gather_object(out, obj, group=self.group)
+        return out
+
+    def agree(self, error=None):
+        """Every rank calls this at the same point. If any rank hit a Fail, every rank raises the
+        first one (rank 0 prints it), so no rank is left waiting in a collective or dies with a
+        traceback of its own."""
+        if self.world == 1:
+            if error is not None:
+                raise error
+            return
+        errors = [e for e in self.gather(None if error is None else (error.code, str(error))) if e]
+        if errors:
+            raise Fail(*errors[0], quiet=not self.main)
+
+    def run(self, fn, *args):
+        """fn(*args) on this rank, then agree: its Fail, or any other rank's, ends every rank."""
+        try:
+            result, error = fn(*args), None
+        except Fail as e:
+            result, error = None, e
+        self.agree(error)
+        return result
+
+    def local_first(self, fn):
+        """fn() on each node's local rank 0 (a download, the decode into the cache), then on the
+        other ranks of the node, which find its result on disk."""
+        first = self.run(fn if self.local_rank == 0 else (lambda: None))
+        later = self.run(fn if self.local_rank != 0 else (lambda: None))
+        return first if self.local_rank == 0 else later
+
+    def flags(self, local):
+        """The element-wise max over the ranks of small integer flags (a signal, a save due),
+        one step late: the all-reduce posted now is read at the next call, so the step never waits
+        for it, and every rank sees the same values at the same step."""
+        if self.world == 1:
+            return local
+        posted = torch.tensor(local, dtype=torch.int64)
+        previous, self.pending = self.pending, (posted, dist.all_reduce(
+            posted, op=dist.ReduceOp.MAX, group=self.group, async_op=True))
+        if previous is None:
+            return [0] * len(local)
+        previous[1].wait()
+        return previous[0].tolist()
+
+    def close(self):
+        if self.pending is not None:
+            self.pending[1].wait()
+            self.pending = None
+
+
 def setup_distributed(opt):
-    """Under torchrun (RANK set) start one DDP process per GPU; else a single process."""
-    rank, world, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), 0
-    if "RANK" in os.environ and world > 1:
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    """Under torchrun (WORLD_SIZE > 1) one DDP process per GPU (or CPU process); else one process."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world == 1:
+        device = pick_device(opt)
+        if opt.ngpu > 1:
+            present = torch.cuda.device_count() if device.type == "cuda" else 0
+            if opt.ngpu > present:
+                raise Fail(EXIT_DEVICE, f"--ngpu {opt.ngpu} asks for more GPUs than the {present} CUDA GPUs present")
+        return device, Ranks()
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0))
+    # CPU tensors go through gloo, CUDA tensors through NCCL. The control group (Ranks) is gloo on
+    # the CPU, with a timeout long enough for one node to decode CelebA while the others wait.
+    dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
+    ranks = Ranks(rank, world, local_rank, int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
+                  dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=4)))
+
+    def device_of_this_rank():
+        if opt.ngpu > 1:
+            raise Fail(EXIT_USAGE, "--ngpu is for a single process; under torchrun use --nproc_per_node instead")
         device = pick_device(opt, local_rank)
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        if opt.ngpu > 1:
-            raise Fail(EXIT_USAGE, "--ngpu is for a single process; under torchrun use --nproc_per_node instead")
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device
-                                if device.type == "cuda" else None)
-        return device, rank, world
-    device = pick_device(opt)
-    if opt.ngpu > 1:
-        present = torch.cuda.device_count() if device.type == "cuda" else 0
-        if opt.ngpu > present:
-            raise Fail(EXIT_DEVICE, f"--ngpu {opt.ngpu} asks for more GPUs than the {present} CUDA GPUs present")
-    return device, 0, 1
+        return device
+    return ranks.run(device_of_this_rank), ranks
 
 
 def choose_speed_settings(opt, device):
@@ -245,13 +325,22 @@ def synthetic_faces(n, size, nc=3, seed=0):
     return out
 
 
+def face_crop(img):
+    """CelebA's aligned pictures are 178x218 with the face in the middle. Keep the centre square
+    of 108/178 of the width (108x108 at full size: the face crop of the original DCGAN CelebA
+    setups), at whatever scale the picture comes. A picture of another shape, such as a square
+    CelebA that someone already cropped and resized, is left whole rather than padded."""
+    h, w = img.shape[-2:]
+    if abs(h / w - 218 / 178) > 0.03:
+        return img
+    return v2.functional.center_crop(img, round(w * 108 / 178))
+
+
 def image_transform(dataset, size):
-    """uint8 tensor in, (C, size, size) uint8 out.
-    CelebA: img_align_celeba is 178x218 with the face in the middle. We take the centre 108x108
-    square (the face crop of the original DCGAN CelebA setups) and resize it, so the 64x64 pixels
-    go to the face rather than to hair and background, which a resize + centre crop of the whole
-    picture keeps. Other data sets: resize the short side, then centre crop, as pytorch/examples."""
-    steps = [v2.CenterCrop(108)] if dataset == "celeba" else []
+    """uint8 tensor in, (C, size, size) uint8 out. CelebA: the face crop, so the pixels go to the
+    face rather than to hair and background. Then, for every data set: resize the short side and
+    centre crop, as pytorch/examples does."""
+    steps = [face_crop] if dataset == "celeba" else []
     return v2.Compose(steps + [v2.Resize(size, antialias=True), v2.CenterCrop(size)])
 
 
@@ -260,6 +349,9 @@ def decode_image(path, nc):
     CMYK, 16-bit); None when the file is missing, truncated or not an image."""
     try:
         with Image.open(path) as im:
+            if im.mode.startswith("I"):  # 16-bit grey: PIL's convert() would clip it to white
+                x = v2.functional.pil_to_tensor(im.convert("I")).clamp(0, 65535)
+                return ((x * 255 + 32767) // 65535).to(torch.uint8).repeat(nc, 1, 1)
             return v2.functional.pil_to_tensor(im.convert("L" if nc == 1 else "RGB"))
     except Exception:
         return None
@@ -327,7 +419,7 @@ def cache_prefix(opt, folder):
     return f"{opt.dataset}-{opt.imageSize}px-{where}"
 
 
-def build_dataset(opt):
+def build_dataset(opt, ranks):
     """Returns (dataset of uint8 images, number of channels, cache key or None)."""
     size, kind, root = opt.imageSize, opt.dataset, opt.dataroot
     if kind == "synthetic":
@@ -335,9 +427,13 @@ def build_dataset(opt):
     if kind == "fake":
         g = torch.Generator().manual_seed(opt.manualSeed)
         return torch.randint(0, 256, (1024, 3, size, size), generator=g, dtype=torch.uint8), 3, None
-    if not os.path.isdir(root):
+    if kind in ("cifar10", "mnist"):  # downloaded into --dataroot (made if missing), once per node
+        base = ranks.local_first(lambda: open_torchvision(kind, root, opt.classes))
+    elif not os.path.isdir(root):
         raise Fail(EXIT_DATA, f"--dataroot {root} is not a folder; give the folder that holds the {kind} images")
-    if kind in ("celeba", "folder"):
+    elif kind == "lsun":
+        base = open_torchvision(kind, root, opt.classes)
+    else:
         folder = celeba_folder(root) if kind == "celeba" else root
         paths = list_images(folder)
         if not paths:
@@ -348,31 +444,34 @@ def build_dataset(opt):
             st = os.stat(p)
             stats.update(f"{p} {st.st_size} {st.st_mtime_ns}\n".encode())
         return ImageFiles(paths, 3, image_transform(kind, size)), 3, f"{cache_prefix(opt, folder)}-{stats.hexdigest()[:16]}"
-    nc = 1 if kind == "mnist" else 3
+    key = f"{cache_prefix(opt, root)}-{hashlib.sha1(f'{opt.classes} {len(base)}'.encode()).hexdigest()[:16]}"
+    return TorchvisionImages(base, image_transform(kind, size)), 1 if kind == "mnist" else 3, key
+
+
+def open_torchvision(kind, root, classes):
     try:
-        if kind == "cifar10":
-            base = torchvision.datasets.CIFAR10(root=root, download=True)
-        elif kind == "mnist":
-            base = torchvision.datasets.MNIST(root=root, download=True)
-        else:
-            base = torchvision.datasets.LSUN(root=root, classes=[c + "_train" for c in opt.classes.split(",")])
+        if kind == "lsun":
+            return torchvision.datasets.LSUN(root=root, classes=[c + "_train" for c in classes.split(",")])
+        os.makedirs(root, exist_ok=True)
+        return (torchvision.datasets.CIFAR10 if kind == "cifar10" else torchvision.datasets.MNIST)(root=root, download=True)
     except Exception as e:
         raise Fail(EXIT_DATA, f"could not open {kind} in --dataroot {root}: {str(e).splitlines()[0] if str(e) else type(e).__name__}; "
-                              "download it there (see README)")
-    key = f"{cache_prefix(opt, root)}-{hashlib.sha1(f'{opt.classes} {len(base)}'.encode()).hexdigest()[:16]}"
-    return TorchvisionImages(base, image_transform(kind, size)), nc, key
+                              + ("download it there (see README)" if kind == "lsun" else "check the network, or download it there yourself (see README)"))
 
 
-def decode_all(dataset, workers, log):
-    """One pass over the data set into a single uint8 tensor, showing progress. Unreadable images
-    are skipped, counted and named; more than 1% of them stops the run."""
+def decode_all(dataset, workers, log, out):
+    """One pass over the data set into `out`, a preallocated uint8 tensor (N, C, S, S) in memory
+    or in a memory-mapped file, showing progress; returns how many images it now holds. Unreadable
+    images are skipped, counted and named; more than 1% of them stops the run."""
     source = dataset
     if isinstance(dataset, ImageFiles):
         source = ImageFiles(dataset.paths, dataset.nc, dataset.transform, substitute=False)
     loader = torch.utils.data.DataLoader(source, batch_size=256, num_workers=workers, collate_fn=stack_readable)
-    images, bad, done, last = [], [], 0, time.monotonic()
+    bad, done, good, last = [], 0, 0, time.monotonic()
     for chunk, unreadable in loader:
-        images += [] if chunk is None else [chunk]
+        if chunk is not None:
+            out[good:good + len(chunk)] = chunk
+            good += len(chunk)
         bad += [dataset.paths[done + i] for i in unreadable]
         done += len(unreadable) + (0 if chunk is None else len(chunk))
         if time.monotonic() - last > 5 or done == len(dataset):
@@ -384,9 +483,9 @@ def decode_all(dataset, workers, log):
         if len(bad) > max(1, len(dataset) // 100):
             raise Fail(EXIT_DATA, f"{len(bad)} of {len(dataset)} images in --dataroot could not be read "
                                   f"(first: {bad[0]}); remove or replace them")
-    if not images:
+    if not good:
         raise Fail(EXIT_DATA, "no readable images in --dataroot")
-    return torch.cat(images)
+    return good
 
 
 def stack_readable(items):
@@ -396,52 +495,89 @@ def stack_readable(items):
     return (torch.stack(good) if good else None), [i for i, x in enumerate(items) if x is None]
 
 
-def preload(opt, dataset, key, device, rank, log):
-    """The whole data set as one uint8 tensor, decoded once and cached in --cache-dir, kept on the
-    GPU when it fits in a quarter of its memory."""
+def load_data(opt, dataset, key, nc, device, ranks, log, warn):
+    """The data set as one uint8 tensor (N, C, S, S), or `dataset` itself to decode every epoch
+    with --workers processes (--no-preload, or when there is room for neither of these):
+    - the cache in --cache-dir: decoded once, by one process per node, straight into a
+      memory-mapped file, and read back memory-mapped, so memory use stays about a batch of
+      workers whatever the size of the data set (CelebA at 256x256 is 37 GiB);
+    - memory, without a cache, when the decoded set fits in half of the memory available.
+    On a GPU the tensor moves to the GPU when it fits in half of its free memory."""
     if isinstance(dataset, torch.Tensor):
         data = dataset
+    elif opt.preload is False:
+        return dataset
     else:
-        path = os.path.join(opt.cache_dir, key + ".pt") if opt.cache_dir and key else ""
+        shape = (len(dataset), nc, opt.imageSize, opt.imageSize)
         data = None
-        if path and rank != 0 and dist.is_initialized():
-            dist.barrier()  # rank 0 decodes and writes the cache first
-        if path and os.path.exists(path):
-            try:
-                data = torch.load(path, weights_only=True, mmap=True)
-                log(f"data set: {len(data)} images from cache {path}")
-            except Exception:
-                print(f"warning: ignoring unreadable cache {path}", file=sys.stderr)
+        if opt.cache_dir and key:
+            data = ranks.local_first(lambda: cached_decode(opt, dataset, key, shape, log, warn, ranks.local_rank == 0))
         if data is None:
-            data = decode_all(dataset, opt.workers, log)
-            if path and rank == 0:
-                try:
-                    os.makedirs(opt.cache_dir, exist_ok=True)
-                    clean_stale_temporaries(opt.cache_dir)
-                    for old in glob.glob(os.path.join(opt.cache_dir, key.rsplit("-", 1)[0] + "-*.pt")):
-                        os.remove(old)  # an older decode of the same folder at the same size
-                    atomic_save(data, path)
-                    log(f"cached the decoded data set in {path}")
-                except (OSError, Fail) as e:
-                    print(f"warning: could not cache the decoded data set in --cache-dir {opt.cache_dir} ({e})", file=sys.stderr)
-        if path and rank == 0 and dist.is_initialized():
-            dist.barrier()
-    if device.type == "cuda" and data.numel() < torch.cuda.get_device_properties(device).total_memory // 4:
+            if not opt.preload and math.prod(shape) * ranks.local_world > available_memory() // 2:
+                warn(f"the decoded data set ({math.prod(shape) / 2**30:.1f} GiB) does not fit in memory: "
+                     "decoding it every epoch; give --cache-dir a disk with room for it to decode it once")
+                return dataset
+            data = torch.empty(shape, dtype=torch.uint8)
+            data = data[:decode_all(dataset, opt.workers, log, data)]
+    if device.type == "cuda" and data.nbytes < torch.cuda.mem_get_info(device)[0] // 2:
         return data.to(device)
-    return data.contiguous()
+    return data
 
 
-def should_preload(opt, dataset, nc):
-    if opt.preload is not None:
-        return opt.preload
-    if isinstance(dataset, torch.Tensor):
-        return True
-    nbytes = len(dataset) * nc * opt.imageSize ** 2
+def cached_decode(opt, dataset, key, shape, log, warn, write=True):
+    """The decoded data set from its cache file, after decoding it there first when `write`.
+    The file holds raw uint8 (N, C, S, S), is named by the key and N, and is read memory-mapped.
+    Returns None, with a warning, when the cache cannot be written (no room, no permission)."""
+    item = math.prod(shape[1:])
+    for path in glob.glob(os.path.join(opt.cache_dir, f"{key}-*.u8")):
+        n = int(path[:-3].rsplit("-", 1)[1])
+        if os.path.getsize(path) == n * item:
+            log(f"data set: {n} images, memory-mapped from cache {path}")
+            return torch.from_file(path, shared=False, size=n * item, dtype=torch.uint8).view(n, *shape[1:])
+    if not write:
+        return None
+    tmp = temporary_name(os.path.join(opt.cache_dir, key + ".u8"))
     try:
-        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        memory = 8 << 30
-    return nbytes < memory // 4
+        os.makedirs(opt.cache_dir, exist_ok=True)
+        clean_stale_temporaries(opt.cache_dir)
+        with open(tmp, "wb") as f:  # take the room now rather than find it missing mid-decode
+            (getattr(os, "posix_fallocate", None) or (lambda fd, _, size: os.ftruncate(fd, size)))(f.fileno(), 0, math.prod(shape))
+        out = torch.from_file(tmp, shared=True, size=math.prod(shape), dtype=torch.uint8).view(shape)
+        n = decode_all(dataset, opt.workers, log, out)
+        del out
+        os.truncate(tmp, n * item)
+        path = os.path.join(opt.cache_dir, f"{key}-{n}.u8")
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        remove_quietly(tmp)
+        if not isinstance(e, OSError):
+            raise
+        warn(f"could not cache the decoded data set in --cache-dir {opt.cache_dir} ({e.strerror or e}); "
+             "going on without the cache")
+        return None
+    for old in glob.glob(os.path.join(opt.cache_dir, key.rsplit("-", 1)[0] + "-*")):
+        if old != path:
+            remove_quietly(old)  # an older decode of the same folder at the same size
+    log(f"cached the decoded data set in {path}, memory-mapped from there")
+    return torch.from_file(path, shared=False, size=n * item, dtype=torch.uint8).view(n, *shape[1:])
+
+
+def available_memory():
+    """Bytes this process can still take: MemAvailable, capped by a cgroup memory limit."""
+    try:
+        with open("/proc/meminfo") as f:
+            free = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return 8 << 30
+    for limit, usage in (("memory.max", "memory.current"), ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):
+        try:
+            with open("/sys/fs/cgroup/" + limit) as fl, open("/sys/fs/cgroup/" + usage) as fu:
+                free = min(free, int(fl.read()) - int(fu.read()))
+        except (OSError, ValueError):  # no such cgroup file, or no limit ("max")
+            pass
+    return free
 
 
 class Batches:
@@ -574,8 +710,11 @@ class Trainer:
             # rebroadcasting BatchNorm buffers in between modifies them in place under autograd
             # (the known DDP + BatchNorm trap). Running statistics are not used in training.
             ids = [device.index] if device.type == "cuda" else None
-            g = nn.parallel.DistributedDataParallel(g, device_ids=ids, broadcast_buffers=False)
-            d = nn.parallel.DistributedDataParallel(d, device_ids=ids, broadcast_buffers=False)
+            ddp = nn.parallel.DistributedDataParallel
+            # (newer torch names the flag forward_sync_buffers; both keep the one sync at start)
+            no_sync = {"forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp).parameters
+                       else "broadcast_buffers": False}
+            g, d = ddp(g, device_ids=ids, **no_sync), ddp(d, device_ids=ids, **no_sync)
         elif opt.ngpu > 1:
             g = nn.DataParallel(g, list(range(opt.ngpu)))
             d = nn.DataParallel(d, list(range(opt.ngpu)))
@@ -589,7 +728,8 @@ class Trainer:
         # Adam with the paper's lr and beta1 (section 4). The fused kernel updates all tensors in
         # one launch and can skip an update on the device, without a host sync (see update()).
         betas = (opt.beta1, 0.999)
-        self.scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+        self.scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+        self.world = world
         try:
             self.optG = torch.optim.Adam(netG.parameters(), lr=opt.lr, betas=betas, fused=True)
             self.optD = torch.optim.Adam(netD.parameters(), lr=opt.lr, betas=betas, fused=True)
@@ -620,15 +760,19 @@ class Trainer:
 
     def update(self, opt, loss, finite):
         """Backward and Adam step, skipped on the device when this or an earlier step saw a
-        non-finite value; the run then stops at the next log or save, before writing anything."""
+        non-finite value; the run then stops at the next log or save, before writing anything.
+        Under DDP the ranks first agree on `finite` (an all-reduce on the device, no host sync),
+        so a NaN on one rank makes every rank skip, and the replicas stay identical."""
+        if self.world > 1:
+            finite = finite.to(torch.int32)
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+            finite = finite.bool()
         first = (self.bad_step < 0) & ~finite
         self.bad_step.copy_(torch.where(first, self.step_t, self.bad_step))
-        if self.scaler is not None:
+        if self.scaler is not None:  # fp16: the scaler's own inf check decides; update() once a step
             self.scaler.scale(loss).backward()
-            if self.bad_step.item() >= 0:  # fp16: GradScaler owns found_inf, so check here
-                return
-            self.scaler.step(opt)
-            self.scaler.update()
+            if self.bad_step.item() < 0:
+                self.scaler.step(opt)
             return
         loss.backward()
         if opt.defaults.get("fused"):
@@ -658,7 +802,8 @@ class Trainer:
             self.static_real, self.static_noise = real_u8.clone(), noise.clone()
             self.set_capturable()
             self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
+            # thread_local: the DataLoader's pin-memory thread may use CUDA while this one captures
+            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
                 self.train_step(self.static_real, self.static_noise)
             self.graph.replay()
 
@@ -696,6 +841,8 @@ class Trainer:
         finite_g = torch.isfinite(loss_g) & torch.isfinite(out_g).all()
         self.update(self.optG, loss_g, finite_g)
         self.netD.requires_grad_(True)
+        if self.scaler is not None and self.bad_step.item() < 0:
+            self.scaler.update()  # one scale update per iteration, after both optimizer steps
         self.step_t += 1
 
         with torch.no_grad():
@@ -726,52 +873,98 @@ class Trainer:
 # new file, whole, never a torn one.
 # ------------------------------------------------------------------------------------------------
 
-def atomic_write(path, write):
+def temporary_name(path):
+    """Where `path` is written before it is renamed into place: beside it, named by host and pid
+    (several nodes may share a cache folder)."""
     folder, name = os.path.split(path)
-    tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}")
+    return os.path.join(folder, f".{name}.tmp-{socket.gethostname()}-{os.getpid()}")
+
+
+def remove_quietly(path):
+    try:
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    except OSError:
+        pass
+
+
+def fsync_folder(folder):
+    fd = os.open(folder or ".", os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path, write):
+    """write(f) into a temporary file, then flush, fsync and rename it over `path`. Any failure
+    on the way (disk full, quota, permissions, an I/O error, also inside torch.save) removes the
+    temporary file, keeps the previous `path` intact and raises one line."""
+    tmp = temporary_name(path)
     try:
         with open(tmp, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        dir_fd = os.open(folder or ".", os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError as e:
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
-        raise Fail(EXIT_OUTPUT, f"could not write {path}: {e.strerror or e}; free disk space or fix "
-                                "permissions of --outf (the previous file there is intact)")
+        fsync_folder(os.path.dirname(path))
+    except Exception as e:
+        remove_quietly(tmp)
+        cause = e
+        while cause is not None and not isinstance(cause, OSError):  # torch.save wraps the OSError
+            cause = cause.__context__
+        if cause is None and not isinstance(e, RuntimeError):
+            raise
+        reason = (cause.strerror or str(cause)) if cause is not None else str(e).splitlines()[0]
+        raise Fail(EXIT_OUTPUT, f"could not write {path}: {reason}; free disk space or fix the permissions "
+                                "of its folder (the previous file there is intact)")
 
 
 def atomic_save(obj, path):
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
-def clean_stale_temporaries(outf):
-    for tmp in glob.glob(os.path.join(outf, ".*.tmp-*")):
+def clean_stale_temporaries(folder):
+    """Temporary files left by a process that died while writing: this host's whose process is
+    gone, and other hosts' after a day."""
+    for tmp in glob.glob(os.path.join(folder, ".*.tmp-*")):
+        host, _, pid = tmp.rsplit(".tmp-", 1)[1].rpartition("-")
         try:
-            os.remove(tmp)
-        except OSError:
+            if host in ("", socket.gethostname()):
+                os.kill(int(pid), 0)  # raises when no such process
+            elif time.time() - os.path.getmtime(tmp) < 86400:
+                continue
+            else:
+                raise ProcessLookupError
+        except (ProcessLookupError, ValueError):
+            remove_quietly(tmp)
+        except OSError:  # alive, another user's
             pass
 
 
 def load_file(path, what):
-    """torch.load with the safe loader only: a file that would run code is refused, never run."""
+    """torch.load with the safe loader only: a file that would run code is refused, never run.
+    torch writes its files as zip archives with a CRC32 per record, so damage is found here."""
     if not os.path.isfile(path):
         raise Fail(EXIT_FILE, f"{what} {path} does not exist")
+    damaged = f"{what} {path} is damaged"
     try:
+        if zipfile.is_zipfile(path):
+            record = zipfile.ZipFile(path).testzip()
+            if record is not None:
+                raise Fail(EXIT_FILE, f"{damaged}: its part {record} fails its checksum; use an earlier copy")
+        with open(path, "rb") as f:
+            head = f.read(2)
         with warnings.catch_warnings():  # a crafted file can make the loader warn; one line is enough
             warnings.simplefilter("ignore")
             return torch.load(path, map_location="cpu", weights_only=True)
+    except Fail:
+        raise
+    except (zipfile.BadZipFile, OSError, EOFError):
+        raise Fail(EXIT_FILE, f"{damaged} or truncated; use an earlier copy")
     except Exception as e:
-        reason = "it holds Python objects beyond tensors, refused unread" if "weights_only" in str(e) \
-            else "it is empty, truncated or not a PyTorch file"
+        pickle = zipfile.is_zipfile(path) or (len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
+        reason = "it holds Python objects beyond tensors, refused unread" if "weights_only" in str(e) and pickle \
+            else "it is empty, truncated, damaged or not a PyTorch file"
         raise Fail(EXIT_FILE, f"{what} {path} cannot be loaded: {reason}")
 
 
@@ -799,15 +992,18 @@ def load_weights(net, path, what):
 ARCHITECTURE = ("nz", "ngf", "ndf", "nc", "imageSize", "batchSize", "manualSeed")
 
 
-def make_checkpoint(tr, epoch, it, step, fixed_noise, config, history, noise_gen):
+def make_checkpoint(tr, epoch, it, step, fixed_noise, config, history, noise_gen, ranks):
+    """Everything a run needs to go on exactly, RNG states of every rank included: under torchrun
+    each rank draws its own noise, and after a resume each must draw what it would have drawn."""
     rng = {"python": list(random.getstate()[1]), "torch": torch.get_rng_state(), "noise": noise_gen.get_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         rng["cuda"] = torch.cuda.get_rng_state_all()
+    every_rank = ranks.gather(rng)
     return {"format": CHECKPOINT_FORMAT, "netG": tr.netG.state_dict(), "netD": tr.netD.state_dict(),
             "optG": tr.optG.state_dict(), "optD": tr.optD.state_dict(),
             "scaler": tr.scaler.state_dict() if tr.scaler else {},
             "epoch": epoch, "iter": it, "step": step, "fixed_noise": fixed_noise.cpu(),
-            "config": config, "rng": rng, "history": history}
+            "config": config, "rng": every_rank[0], "rng_ranks": every_rank, "history": history}
 
 
 def read_checkpoint(path, config):
@@ -817,11 +1013,17 @@ def read_checkpoint(path, config):
         raise Fail(EXIT_FILE, f"--resume {path} is not a checkpoint written by dcgan.py (give OUTF/checkpoint.pt)")
     if ckpt["format"] != CHECKPOINT_FORMAT:
         raise Fail(EXIT_FILE, f"--resume {path} has checkpoint format {ckpt['format']}; this dcgan.py reads {CHECKPOINT_FORMAT}")
+    if not all(bool(torch.isfinite(t).all()) for t in tensors_in(ckpt) if t.is_floating_point()):
+        raise Fail(EXIT_FILE, f"--resume {path} is damaged: it holds inf or NaN, which dcgan.py never saves; use an earlier copy")
     diff = [f"{k} {ckpt['config'].get(k)} saved vs {config[k]} requested"
             for k in ARCHITECTURE if ckpt["config"].get(k) != config[k]]
     if diff:
         raise Fail(EXIT_FILE, f"--resume {path} was made with other settings: {'; '.join(diff)}; "
                               "pass the saved values or start a new --outf")
+    saved_world = ckpt["config"].get("world", 1)
+    if saved_world != config["world"]:
+        raise Fail(EXIT_FILE, f"--resume {path} was written by {saved_world} process(es), this run has {config['world']}: "
+                              f"resume with {saved_world} (the data shards and each rank's noise depend on it)")
     return ckpt
 
 
@@ -833,8 +1035,8 @@ def tensors_in(obj):
     return [t for item in items for t in tensors_in(item)]
 
 
-def restore_rng(ckpt, noise_gen):
-    rng = ckpt["rng"]
+def restore_rng(ckpt, noise_gen, rank):
+    rng = ckpt.get("rng_ranks", [ckpt["rng"]])[rank]  # this rank's own states
     random.setstate((3, tuple(rng["python"]), None))
     torch.set_rng_state(rng["torch"])
     noise_gen.set_state(rng["noise"])
@@ -845,16 +1047,28 @@ def restore_rng(ckpt, noise_gen):
 LOG_FIELDS = ["epoch", "iter", "step", "loss_d", "loss_g", "d_x", "d_g_z1", "d_g_z2", "img_per_s"]
 
 
-def write_losses(outf, history, plot):
-    """losses.csv from the history (one row per logged iteration); with `plot`, losses.png too
-    when matplotlib is installed (it is optional)."""
-    def write(f):
-        f.write((",".join(LOG_FIELDS) + "\n").encode())
-        for row in zip(*(history[k] for k in LOG_FIELDS)):
-            f.write((",".join(f"{v:.6g}" if isinstance(v, float) else str(v) for v in row) + "\n").encode())
-    atomic_write(os.path.join(outf, "losses.csv"), write)
-    if not plot:
-        return
+def csv_line(values):
+    return ",".join(f"{v:.6g}" if isinstance(v, float) else str(v) for v in values) + "\n"
+
+
+def start_losses(outf, history):
+    """losses.csv as the run starts: the header and, after a resume, the checkpoint's rows (rows
+    logged after that save belong to steps that will run again). Then appended to, a row a log."""
+    rows = [csv_line(LOG_FIELDS)] + [csv_line(row) for row in zip(*(history[k] for k in LOG_FIELDS))]
+    atomic_write(os.path.join(outf, "losses.csv"), lambda f: f.write("".join(rows).encode()))
+
+
+def append_losses(outf, values):
+    try:
+        with open(os.path.join(outf, "losses.csv"), "a") as f:
+            f.write(csv_line(values))
+    except OSError as e:
+        raise Fail(EXIT_OUTPUT, f"could not write {os.path.join(outf, 'losses.csv')}: {e.strerror or e}; "
+                                "free disk space or fix the permissions of its folder")
+
+
+def plot_losses(outf, history):
+    """losses.png, when matplotlib is installed (it is optional)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -897,7 +1111,9 @@ def prepare_outf(outf):
 
 
 def generate(opt, device):
-    """--generate N: N separate PNGs (what FID tools read) and one grid, from --netG."""
+    """--generate N: N separate PNGs (what FID tools read) and one grid, from --netG. The PNGs are
+    written plainly into a temporary folder, made durable once, and renamed OUTF/generated when
+    all are there: fast for 50,000 images, and never a half-written folder."""
     state = load_file(opt.netG, "--netG")
     if isinstance(state, dict) and "netG" in state and "format" in state:
         state = state["netG"]
@@ -908,219 +1124,288 @@ def generate(opt, device):
         raise Fail(EXIT_FILE, f"--netG {opt.netG} is not a generator state dict")
     load_weights(netG, opt.netG, "--netG")
     folder = os.path.join(opt.outf, "generated")
-    prepare_outf(folder)
-    if any(f.endswith(".png") for f in os.listdir(folder)):
-        raise Fail(EXIT_OUTPUT, f"{folder} already holds images; choose another --outf")
+    prepare_outf(opt.outf)
+    if os.path.isdir(folder) and os.listdir(folder):
+        raise Fail(EXIT_OUTPUT, f"{folder} already holds files; choose another --outf")
+    clean_stale_temporaries(opt.outf)
     netG.to(device).eval()
     g = torch.Generator(device).manual_seed(opt.manualSeed)
-    grid = []
-    with torch.no_grad():
-        for start in range(0, opt.generate, 256):
-            z = torch.randn(min(256, opt.generate - start), nz, 1, 1, device=device, generator=g)
-            images = netG(z).float().cpu()
-            for i, img in enumerate(images):
-                save_grid(img, os.path.join(folder, f"{start + i:06d}.png"))
-            grid += images[:64 - len(grid)]
+    grid, tmp = [], temporary_name(folder)
+    try:
+        os.makedirs(tmp)
+        with torch.no_grad():
+            for start in range(0, opt.generate, 256):
+                z = torch.randn(min(256, opt.generate - start), nz, 1, 1, device=device, generator=g)
+                images = netG(z).float().cpu()
+                pixels = images.add(1).mul(127.5).add(0.5).clamp(0, 255).to(torch.uint8)  # as save_image rounds
+                for i, img in enumerate(pixels):
+                    torchvision.io.write_png(img, os.path.join(tmp, f"{start + i:06d}.png"))
+                grid += images[:64 - len(grid)]
+        if hasattr(os, "sync"):
+            os.sync()  # every PNG on disk, with one call rather than one fsync per file
+        os.replace(tmp, folder)
+        fsync_folder(opt.outf)
+    except (OSError, RuntimeError) as e:
+        remove_quietly(tmp)
+        raise Fail(EXIT_OUTPUT, f"could not write the images into {folder}: {getattr(e, 'strerror', None) or str(e).splitlines()[0]}; "
+                                "free disk space or choose another --outf")
     save_grid(torch.stack(grid), os.path.join(opt.outf, "generated_grid.png"))
     print(f"wrote {opt.generate} images of {size}x{size} to {folder}/ and a grid to "
           f"{os.path.join(opt.outf, 'generated_grid.png')}")
     return 0
 
 
-def train(opt, device, rank, world):
-    main_process = rank == 0
-    log = print if main_process else (lambda *a, **k: None)
-    dtype, channels_last, use_compile, cuda_graph = choose_speed_settings(opt, device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+def check_outf(opt, resume_path):
+    """A new run never writes over a finished one; a --dry-run writes no checkpoint, so it never
+    blocks a later run, nor can one --resume it."""
+    if resume_path is None and os.path.exists(os.path.join(opt.outf, "checkpoint.pt")):
+        what = "a --dry-run would overwrite its epoch-0 files" if opt.dry_run else "pass --resume to continue it"
+        raise Fail(EXIT_OUTPUT, f"--outf {opt.outf} already holds a run (checkpoint.pt); {what}, or choose another --outf")
+    prepare_outf(opt.outf)
+    clean_stale_temporaries(opt.outf)
 
-    resume_path = None
-    if opt.resume is not None:
-        resume_path = opt.resume or os.path.join(opt.outf, "checkpoint.pt")
-    elif main_process and os.path.exists(os.path.join(opt.outf, "checkpoint.pt")):
-        raise Fail(EXIT_OUTPUT, f"--outf {opt.outf} already holds a run (checkpoint.pt); pass --resume "
-                                "to continue it, or choose another --outf")
-    if main_process:
-        prepare_outf(opt.outf)
-        clean_stale_temporaries(opt.outf)
 
-    dataset, nc, key = build_dataset(opt)
-    config = {k: v for k, v in vars(opt).items() if isinstance(v, (int, float, str, bool, type(None)))}
-    config["nc"] = nc
-    ckpt = read_checkpoint(resume_path, config) if resume_path is not None else None
+class Run:
+    """One training run on one rank: its flags, data, networks, position and files. The methods
+    follow a run's story: set up, load the data, start (or resume), then the loop, in which each
+    iteration is a step, maybe a log line, maybe a save, maybe a stop. Rank 0 alone writes files;
+    every other decision is taken by all ranks together."""
 
-    torch.manual_seed(opt.manualSeed)
-    random.seed(opt.manualSeed)
-    netG, netD = Generator(opt.nz, opt.ngf, nc, opt.imageSize), Discriminator(nc, opt.ndf, opt.imageSize)
-    netG.apply(weights_init)
-    netD.apply(weights_init)
-    if opt.netG:
-        load_weights(netG, opt.netG, "--netG")
-    if opt.netD:
-        load_weights(netD, opt.netD, "--netD")
-    fixed_noise = torch.randn(64, opt.nz, 1, 1)
-    noise_gen = torch.Generator(device).manual_seed(opt.manualSeed + rank)  # per-rank noise
-    history = {k: [] for k in LOG_FIELDS}
-    epoch0, it0, step = 0, 0, 0
-    if ckpt is not None:
-        netG.load_state_dict(ckpt["netG"])
-        netD.load_state_dict(ckpt["netD"])
-        fixed_noise, history = ckpt["fixed_noise"], ckpt["history"]
-        epoch0, it0, step = ckpt["epoch"], ckpt["iter"], ckpt["step"]
-    tr = Trainer(netG, netD, opt, device, dtype, channels_last, use_compile, world, cuda_graph)
-    if ckpt is not None:
-        tr.optG.load_state_dict(ckpt["optG"])
-        tr.optD.load_state_dict(ckpt["optD"])
-        tr.set_capturable()
-        if tr.scaler and ckpt["scaler"]:
-            tr.scaler.load_state_dict(ckpt["scaler"])
-        restore_rng(ckpt, noise_gen)
-        log(f"resumed from {resume_path} at epoch {epoch0}, iteration {it0} (step {step})")
-    fixed_noise = fixed_noise.to(device)
+    def __init__(self, opt, device, ranks):
+        """Everything that may find a mistake in the flags, files or data, before any collective
+        but Ranks' own: train() runs it on every rank and the ranks agree on the outcome."""
+        self.opt, self.device, self.ranks = opt, device, ranks
+        self.log = print if ranks.main else (lambda *a, **k: None)
+        self.warn = (lambda m: print(f"warning: {m}", file=sys.stderr)) if ranks.local_rank == 0 else (lambda m: None)
+        self.speed = choose_speed_settings(opt, device)
+        self.ckpt_path = os.path.join(opt.outf, "checkpoint.pt")
+        self.resume_path = (opt.resume or self.ckpt_path) if opt.resume is not None else None
+        if ranks.main:
+            check_outf(opt, self.resume_path)
+        self.dataset, self.nc, self.key = build_dataset(opt, ranks)
+        self.config = {k: v for k, v in vars(opt).items() if isinstance(v, (int, float, str, bool, type(None)))}
+        self.config.update(nc=self.nc, world=ranks.world)
+        self.ckpt = read_checkpoint(self.resume_path, self.config) if self.resume_path is not None else None
+        torch.manual_seed(opt.manualSeed)
+        random.seed(opt.manualSeed)
+        self.netG = Generator(opt.nz, opt.ngf, self.nc, opt.imageSize)
+        self.netD = Discriminator(self.nc, opt.ndf, opt.imageSize)
+        self.netG.apply(weights_init)
+        self.netD.apply(weights_init)
+        if opt.netG:
+            load_weights(self.netG, opt.netG, "--netG")
+        if opt.netD:
+            load_weights(self.netD, opt.netD, "--netD")
+        self.fixed_noise = torch.randn(64, opt.nz, 1, 1)
+        self.noise_gen = torch.Generator(device).manual_seed(opt.manualSeed + ranks.rank)  # per-rank noise
+        self.history = {k: [] for k in LOG_FIELDS}
+        self.epoch = self.it = self.step = 0
+        self.last_good = None
 
-    preloaded = should_preload(opt, dataset, nc)
-    data = preload(opt, dataset, key, device, rank, log) if preloaded else dataset
-    if len(data) < opt.batchSize * world:
-        raise Fail(EXIT_DATA, f"the data set has {len(data)} images, fewer than one batch of --batchSize "
-                              f"{opt.batchSize}{f' x {world} processes' if world > 1 else ''}; lower --batchSize")
-    batches = Batches(data, opt.batchSize, opt.manualSeed, rank, world, opt.workers, device)
-    per_epoch = batches.per_epoch
-    if main_process and not os.path.exists(os.path.join(opt.outf, "real_samples.png")):
-        real = next(Batches(data, min(64, len(data) // world), opt.manualSeed, 0, 1, 0, torch.device("cpu")).epoch(0, 0))
-        save_grid(real.float() / 127.5 - 1, os.path.join(opt.outf, "real_samples.png"))
-    log(f"{opt.dataset}: {len(data)} images of {nc}x{opt.imageSize}x{opt.imageSize}, "
-        f"{'decoded once, in ' + str(data.device) + ' memory' if preloaded else f'decoded each epoch by {opt.workers} workers'}; "
-        f"device {device}, {world} process(es), global batch {opt.batchSize * world}, "
-        f"precision {str(dtype).replace('torch.', '') if dtype else 'fp32'}, channels_last {channels_last}, "
-        f"compile {use_compile}, CUDA graph {tr.cuda_graph}")
+    def load_data(self):
+        opt = self.opt
+        self.data = load_data(opt, self.dataset, self.key, self.nc, self.device, self.ranks, self.log, self.warn)
+        if len(self.data) < opt.batchSize * self.ranks.world:
+            world = self.ranks.world
+            raise Fail(EXIT_DATA, f"the data set has {len(self.data)} images, fewer than one batch of --batchSize "
+                                  f"{opt.batchSize}{f' x {world} processes' if world > 1 else ''}; lower --batchSize")
+        self.batches = Batches(self.data, opt.batchSize, opt.manualSeed, self.ranks.rank, self.ranks.world,
+                               opt.workers, self.device)
 
-    ckpt_path = os.path.join(opt.outf, "checkpoint.pt")
-    last_good = [resume_path if ckpt is not None else None]
+    def start(self):
+        """The trainer (DDP wraps the networks here), the state of a resumed run, the first files."""
+        opt, ckpt, ranks = self.opt, self.ckpt, self.ranks
+        dtype, channels_last, use_compile, cuda_graph = self.speed
+        if ckpt is not None:
+            self.netG.load_state_dict(ckpt["netG"])
+            self.netD.load_state_dict(ckpt["netD"])
+            self.fixed_noise, self.history = ckpt["fixed_noise"], ckpt["history"]
+            self.epoch, self.it, self.step = ckpt["epoch"], ckpt["iter"], ckpt["step"]
+            self.last_good = self.resume_path
+        self.tr = tr = Trainer(self.netG, self.netD, opt, self.device, dtype, channels_last, use_compile, ranks.world, cuda_graph)
+        if ckpt is not None:
+            tr.optG.load_state_dict(ckpt["optG"])
+            tr.optD.load_state_dict(ckpt["optD"])
+            tr.set_capturable()
+            if tr.scaler and ckpt["scaler"]:
+                tr.scaler.load_state_dict(ckpt["scaler"])
+            restore_rng(ckpt, self.noise_gen, ranks.rank)
+            self.log(f"resumed from {self.resume_path} at epoch {self.epoch}, iteration {self.it} (step {self.step})")
+        self.ckpt = None  # free it
+        self.fixed_noise = self.fixed_noise.to(self.device)
+        self.total = 1 if opt.dry_run else opt.niter * self.batches.per_epoch
+        if opt.max_steps:
+            self.total = min(self.total, self.step + opt.max_steps)
+        tr.step_t.fill_(self.step)
+        self.on_main(self.first_files)
+        data = self.data
+        self.log(f"{opt.dataset}: {len(data)} images of {self.nc}x{opt.imageSize}x{opt.imageSize}, "
+                 f"{'decoded once, in ' + str(data.device) + ' memory' if isinstance(data, torch.Tensor) else f'decoded each epoch by {opt.workers} workers'}"
+                 "; "
+                 f"device {self.device}, {ranks.world} process(es), global batch {opt.batchSize * ranks.world}, "
+                 f"precision {str(dtype).replace('torch.', '') if dtype else 'fp32'}, channels_last {channels_last}, "
+                 f"compile {use_compile}, CUDA graph {tr.cuda_graph}")
 
-    def check_finite(state=None):
-        """Stop on the first non-finite loss or D output; before a save, also refuse to write a
-        state holding inf or NaN anywhere (weights, BatchNorm statistics, Adam moments)."""
-        bad = tr.bad_step.item()
+    def first_files(self):
+        """A grid of training images and a fresh losses.csv for a new run; after a resume,
+        losses.csv as of the checkpoint."""
+        if self.resume_path is None:
+            real = next(Batches(self.data, min(64, len(self.data) // self.ranks.world), self.opt.manualSeed, 0, 1, 0,
+                                torch.device("cpu")).epoch(0, 0))
+            save_grid(real.float() / 127.5 - 1, os.path.join(self.opt.outf, "real_samples.png"))
+        start_losses(self.opt.outf, self.history)
+
+    def on_main(self, write, *args):
+        """write(*args) on rank 0, which alone writes files; every rank learns whether it failed."""
+        error = None
+        if self.ranks.main:
+            try:
+                write(*args)
+            except Fail as e:
+                error = e
+        self.ranks.agree(error)
+
+    def loop(self):
+        """Each iteration: a training step, maybe a log line, maybe a save, maybe a stop.
+        SIGINT / SIGTERM (how clusters pre-empt jobs) finish the step, save and exit 128 + signal;
+        under torchrun the ranks agree on it one step later, whichever rank got the signal."""
+        opt, tr, per_epoch = self.opt, self.tr, self.batches.per_epoch
+        signals = []
+        handlers = {s: signal.signal(s, lambda signum, frame: signals.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+        self.last_save = self.tick = time.monotonic()
+        self.tick_step = start_step = self.step
+        try:
+            while True:
+                batches, first, epoch_start = self.batches.epoch(self.epoch, self.it), self.it, time.monotonic()
+                while self.it < per_epoch and self.step < self.total:
+                    tr.step(next(batches), self.noise_gen)
+                    self.step, self.it = self.step + 1, self.it + 1
+                    if self.it % opt.log_every == 0 or self.it == per_epoch or self.step == self.total:
+                        self.log_progress()
+                    minutes_due = bool(opt.save_minutes) and time.monotonic() - self.last_save > 60 * opt.save_minutes
+                    signum, late_save = self.ranks.flags([signals[0] if signals else 0, int(minutes_due)])
+                    if signum:
+                        self.save()
+                        self.log(f"stopped by signal {signum} at epoch {self.epoch}, iteration {self.it}; "
+                                 f"continue with --resume (checkpoint {self.ckpt_path})", flush=True)
+                        return 128 + signum
+                    if late_save or (opt.save_every and self.step % opt.save_every == 0):
+                        self.save()
+                if self.it < per_epoch and not opt.dry_run:  # stopped by --max-steps
+                    self.verify_ranks()
+                    self.save()
+                    self.log(f"stopped after {self.step - start_step} iterations (--max-steps); checkpoint {self.ckpt_path}")
+                    return 0
+                self.end_epoch(self.it - first, time.monotonic() - epoch_start)
+                if opt.dry_run or self.step >= self.total or self.epoch >= opt.niter:
+                    self.log(f"done: {self.step} iterations; samples, weights{'' if opt.dry_run else ' and checkpoint'} in {opt.outf}")
+                    return 0
+        finally:
+            for s, h in handlers.items():
+                signal.signal(s, h)
+            self.ranks.close()
+
+    def log_progress(self):
+        """The log line (means since the last one: the one host sync), losses.csv, and the stop
+        on a non-finite loss."""
+        opt, world, per_epoch = self.opt, self.ranks.world, self.batches.per_epoch
+        loss_d, loss_g, d_x, d_g_z1, d_g_z2 = self.tr.read_stats()
+        self.check_finite()
+        now = time.monotonic()
+        rate = (self.step - self.tick_step) * opt.batchSize * world / max(now - self.tick, 1e-9)
+        self.tick, self.tick_step = now, self.step
+        self.log(f"[{self.epoch}/{opt.niter}][{self.it}/{per_epoch}] Loss_D: {loss_d:.4f} Loss_G: {loss_g:.4f} "
+                 f"D(x): {d_x:.4f} D(G(z)): {d_g_z1:.4f} / {d_g_z2:.4f} | {rate:.0f} img/s | "
+                 f"left: epoch {hms((per_epoch - self.it) * opt.batchSize * world / rate)} "
+                 f"run {hms((self.total - self.step) * opt.batchSize * world / rate)}", flush=True)
+        row = (self.epoch, self.it, self.step, loss_d, loss_g, d_x, d_g_z1, d_g_z2, rate)
+        for k, v in zip(LOG_FIELDS, row):
+            self.history[k].append(v)
+        if self.ranks.main:
+            append_losses(opt.outf, row)
+
+    def check_finite(self, state=None):
+        """Stop on the first non-finite loss or D output (the ranks agreed on it in the step);
+        before a save, also refuse a state holding inf or NaN anywhere."""
+        bad, per_epoch = self.tr.bad_step.item(), self.batches.per_epoch
         where = f"a non-finite loss or D output at epoch {bad // per_epoch}, iteration {bad % per_epoch} (step {bad})"
         if bad < 0 and state is not None:
             if not all(bool(torch.isfinite(t).all()) for t in tensors_in(state) if t.is_floating_point()):
-                bad, where = step, f"non-finite weights or optimizer state at epoch {epoch}, step {step}"
+                bad, where = self.step, f"non-finite weights or optimizer state at epoch {self.epoch}, step {self.step}"
         if bad >= 0:
             raise Fail(EXIT_DIVERGED, f"training diverged: {where}; nothing after it was saved; "
-                                      f"last good checkpoint: {last_good[0] or 'none yet'}; try a lower --lr")
+                                      f"last good checkpoint: {self.last_good or 'none yet'}; try a lower --lr",
+                       quiet=not self.ranks.main)
 
-    def verify_ranks():
+    def save(self, extra=None):
+        """checkpoint.pt (and, at an epoch end, `extra` files) on rank 0; all ranks take part."""
+        ckpt = make_checkpoint(self.tr, self.epoch, self.it, self.step, self.fixed_noise, self.config,
+                               self.history, self.noise_gen, self.ranks)
+        self.check_finite(ckpt)
+
+        def write():
+            if extra:
+                extra()
+            if not self.opt.dry_run:
+                atomic_save(ckpt, self.ckpt_path)
+        self.on_main(write)
+        self.last_good = None if self.opt.dry_run else self.ckpt_path
+        self.last_save = time.monotonic()
+
+    def end_epoch(self, iterations, seconds):
+        """A sample grid from the fixed noise, the epoch's weights, the loss plot, the checkpoint."""
+        opt, epoch = self.opt, self.epoch
+        self.log(f"epoch {epoch} done: {iterations} iterations in {seconds:.1f} s "
+                 f"({iterations * opt.batchSize * self.ranks.world / max(seconds, 1e-9):.0f} img/s)")
+        self.verify_ranks()
+        if self.it == self.batches.per_epoch:
+            self.epoch, self.it = epoch + 1, 0
+
+        def files():
+            save_grid(self.tr.sample(self.fixed_noise), os.path.join(opt.outf, f"fake_samples_epoch_{epoch:03d}.png"))
+            atomic_save(self.netG.state_dict(), os.path.join(opt.outf, f"netG_epoch_{epoch}.pth"))
+            atomic_save(self.netD.state_dict(), os.path.join(opt.outf, f"netD_epoch_{epoch}.pth"))
+            plot_losses(opt.outf, self.history)
+        self.save(files)
+
+    def verify_ranks(self):
         """DDP keeps the replicas identical; check it where every rank arrives (epoch end, stop)."""
-        if world > 1:
-            flat = torch.cat([p.detach().float().flatten() for p in list(netG.parameters()) + list(netD.parameters())])
-            everyone = [torch.empty_like(flat) for _ in range(world)]
-            dist.all_gather(everyone, flat)
-            same = all(torch.equal(everyone[0], other) for other in everyone[1:])
-            log(f"ranks agree: G and D weights identical on {world} processes" if same else
-                f"warning: G and D weights differ between the {world} processes")
+        if self.ranks.world > 1:
+            flat = torch.cat([p.detach().float().flatten().cpu() for p in list(self.netG.parameters()) + list(self.netD.parameters())])
+            digests = self.ranks.gather(hashlib.sha256(flat.numpy().tobytes()).hexdigest())
+            self.log(f"ranks agree: G and D weights identical on {self.ranks.world} processes" if len(set(digests)) == 1
+                     else f"warning: G and D weights differ between the {self.ranks.world} processes")
 
-    def save(epoch, it, ckpt=None):
-        ckpt = ckpt or make_checkpoint(tr, epoch, it, step, fixed_noise, config, history, noise_gen)
-        check_finite(ckpt)
-        if main_process:
-            atomic_save(ckpt, ckpt_path)
-            last_good[0] = ckpt_path
-        return time.monotonic()
 
-    # SIGINT / SIGTERM (how clusters pre-empt jobs): finish the current step, save, exit 128+signal.
-    # Under DDP the ranks agree on stopping at log time, where they synchronise anyway.
-    signals = []
-    handlers = {s: signal.signal(s, lambda signum, frame: signals.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
-
-    def stop_signal(logged):
-        if world == 1:
-            return signals[0] if signals else 0
-        if not logged:
-            return 0
-        flag = torch.tensor(signals[0] if signals else 0, device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return int(flag.item())
-
-    try:
-        total = 1 if opt.dry_run else opt.niter * per_epoch
-        if opt.max_steps:
-            total = min(total, step + opt.max_steps)
-        last_save = tick = time.monotonic()
-        tick_step = start_step = step
-        tr.step_t.fill_(step)
-        for epoch in range(epoch0, opt.niter):
-            epoch_batches, it, first, epoch_start = batches.epoch(epoch, it0), it0, it0, time.monotonic()
-            it0 = 0
-            while it < per_epoch and step < total:
-                tr.step(next(epoch_batches), noise_gen)
-                step, it = step + 1, it + 1
-                logged = it % opt.log_every == 0 or it == per_epoch or step == total
-                if logged:
-                    loss_d, loss_g, d_x, d_g_z1, d_g_z2 = tr.read_stats()
-                    check_finite()
-                    now = time.monotonic()
-                    rate = (step - tick_step) * opt.batchSize * world / max(now - tick, 1e-9)
-                    tick, tick_step = now, step
-                    log(f"[{epoch}/{opt.niter}][{it}/{per_epoch}] Loss_D: {loss_d:.4f} Loss_G: {loss_g:.4f} "
-                        f"D(x): {d_x:.4f} D(G(z)): {d_g_z1:.4f} / {d_g_z2:.4f} | {rate:.0f} img/s | "
-                        f"left: epoch {hms((per_epoch - it) * opt.batchSize * world / rate)} "
-                        f"run {hms((total - step) * opt.batchSize * world / rate)}", flush=True)
-                    for k, v in zip(LOG_FIELDS, (epoch, it, step, loss_d, loss_g, d_x, d_g_z1, d_g_z2, rate)):
-                        history[k].append(v)
-                    if main_process:
-                        write_losses(opt.outf, history, plot=False)
-                signum = stop_signal(logged)
-                if signum:
-                    save(epoch, it)
-                    log(f"stopped by signal {signum} at epoch {epoch}, iteration {it}; "
-                        f"continue with --resume (checkpoint {ckpt_path})", flush=True)
-                    return 128 + signum
-                if (opt.save_every and step % opt.save_every == 0) or \
-                        (opt.save_minutes and time.monotonic() - last_save > 60 * opt.save_minutes):
-                    last_save = save(epoch, it)
-            if it < per_epoch and not opt.dry_run:  # stopped by --max-steps
-                verify_ranks()
-                save(epoch, it)
-                log(f"stopped after {step - start_step} iterations (--max-steps); checkpoint {ckpt_path}")
-                return 0
-            # End of epoch: a sample grid from the fixed noise, weights, checkpoint, loss plot.
-            ckpt = make_checkpoint(tr, epoch + 1, 0, step, fixed_noise, config, history, noise_gen)
-            check_finite(ckpt)
-            seconds = time.monotonic() - epoch_start
-            log(f"epoch {epoch} done: {it - first} iterations in {seconds:.1f} s "
-                f"({(it - first) * opt.batchSize * world / seconds:.0f} img/s)")
-            verify_ranks()
-            if main_process:
-                save_grid(tr.sample(fixed_noise), os.path.join(opt.outf, f"fake_samples_epoch_{epoch:03d}.png"))
-                atomic_save(netG.state_dict(), os.path.join(opt.outf, f"netG_epoch_{epoch}.pth"))
-                atomic_save(netD.state_dict(), os.path.join(opt.outf, f"netD_epoch_{epoch}.pth"))
-                write_losses(opt.outf, history, plot=True)
-            last_save = save(epoch + 1, 0, ckpt)
-            if opt.dry_run or step >= total:
-                break
-        log(f"done: {step} iterations; samples, weights and checkpoint in {opt.outf}")
-        return 0
-    finally:
-        for s, h in handlers.items():
-            signal.signal(s, h)
+def train(opt, device, ranks):
+    """Set up (a mistake in the flags, files or data on any rank ends every rank with one line),
+    load the data, start or resume, loop."""
+    run = ranks.run(Run, opt, device, ranks)
+    ranks.run(run.load_data)
+    run.start()
+    return run.loop()
 
 
 def main(argv=None):
     """Runs the command line; returns the exit code (0 on success). Errors in the user's input
-    print one line to stderr and return a code from the table in README."""
+    print one line to stderr (under torchrun from rank 0 alone) and return a code from the table
+    in README."""
     try:
-        opt = parse_args(argv)
-        device, rank, world = setup_distributed(opt)
+        try:
+            opt = parse_args(argv)
+        except Fail as e:  # every rank sees the same mistake in the flags
+            raise Fail(e.code, str(e), quiet=os.environ.get("RANK", "0") != "0")
+        device, ranks = setup_distributed(opt)
         try:
             if opt.generate:
-                return generate(opt, device) if rank == 0 else 0
-            return train(opt, device, rank, world)
+                return generate(opt, device) if ranks.main else 0
+            return train(opt, device, ranks)
         finally:
             if dist.is_initialized():
                 dist.destroy_process_group()
     except Fail as e:
-        print(f"dcgan.py: error: {e}", file=sys.stderr)
+        if not e.quiet:
+            print(f"dcgan.py: error: {e}", file=sys.stderr)
         return e.code
     except KeyboardInterrupt:
         print("dcgan.py: interrupted", file=sys.stderr)

@@ -1,10 +1,16 @@
 """Tests for dcgan.py. CPU only, tiny models, a few minutes in all: python -m pytest -q"""
+import functools
+import gzip
+import hashlib
+import http.server
 import os
 import pickle
 import random
+import resource
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -16,6 +22,14 @@ import dcgan
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY = ["--imageSize", "16", "--ngf", "8", "--ndf", "8", "--batchSize", "16", "--log-every", "4"]
+
+
+@pytest.fixture(autouse=True)
+def isolated(tmp_path, monkeypatch):
+    """Every test runs in its own empty folder with its own cache: nothing in the checkout (an
+    out/ left by README's first command, say) or in ~/.cache changes what a test sees."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
 
 
 def run_main(argv):
@@ -35,6 +49,14 @@ def make_images(folder, n, size=(178, 218), seed=0, ext="jpg"):
     for i in range(n):
         colour = tuple(rng.randrange(256) for _ in range(3))
         Image.new("RGB", size, colour).save(os.path.join(folder, f"{i:06d}.{ext}"))
+    return folder
+
+
+def make_numbered_images(folder, n, size=(24, 20)):
+    """PNGs of one flat colour each, (i, 2i mod 256, 200): a batch's top-left pixels name its images."""
+    os.makedirs(folder, exist_ok=True)
+    for i in range(n):
+        Image.new("RGB", size, (i, 2 * i % 256, 200)).save(os.path.join(folder, f"{i:06d}.png"))
     return folder
 
 
@@ -172,34 +194,79 @@ def test_one_training_step_on_fake_data():
     assert all(p.requires_grad for p in D.parameters())
 
 
+def test_fp16_gradient_scaler_updates_once_per_iteration():
+    opt = dcgan.parse_args(["--dataset", "fake", "--ngf", "8", "--ndf", "8", "--imageSize", "16", "--batchSize", "8"])
+    torch.manual_seed(0)
+    G, D = dcgan.Generator(opt.nz, 8, 3, 16), dcgan.Discriminator(3, 8, 16)
+    tr = dcgan.Trainer(G, D, opt, torch.device("cpu"), torch.float16, False, False, 1)
+    tr.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8, growth_interval=3)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        tr.step(torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8), gen)
+    # three iterations without inf: exactly one growth (two updates per iteration would give two)
+    assert tr.scaler.get_scale() == 2.0 ** 9 and int(tr.scaler._growth_tracker) == 0
+
+
 # ------------------------------------------------------------------------------------------------
 # Data
 # ------------------------------------------------------------------------------------------------
 
+def decode(dataset):
+    out = torch.empty(len(dataset), dataset.nc, *dataset[0].shape[1:], dtype=torch.uint8)
+    return out[:dcgan.decode_all(dataset, 0, lambda *a: None, out)]
+
+
 def first_batch(argv):
     opt = dcgan.parse_args(argv + ["--cache-dir", ""])
-    data, nc, _ = dcgan.build_dataset(opt)
+    data, nc, _ = dcgan.build_dataset(opt, dcgan.Ranks())
     if not isinstance(data, torch.Tensor):
-        data = dcgan.decode_all(data, 0, lambda *a: None)
+        data = decode(data)
     batch = next(dcgan.Batches(data, opt.batchSize, 0, 0, 1, 0, torch.device("cpu")).epoch(0, 0))
     return batch, nc
 
 
 @pytest.mark.parametrize("layout", ["parent", "itself", "torchvision"])
-def test_celeba_layouts(tmp_path, layout):
-    folder = {"parent": "img_align_celeba", "itself": "", "torchvision": "celeba/img_align_celeba"}[layout]
+def test_celeba_layouts_find_the_image_folder(tmp_path, layout):
+    folder = {"parent": "data/img_align_celeba", "itself": "data/img_align_celeba",
+              "torchvision": "data/celeba/img_align_celeba"}[layout]
     make_images(tmp_path / folder, 10)
-    root = tmp_path / ("img_align_celeba" if layout == "itself" else "")
-    batch, nc = first_batch(["--dataroot", str(root if layout != "itself" else tmp_path), "--imageSize", "32", "--batchSize", "4"])
+    make_images(tmp_path / "data" / "other_pictures", 7)  # beside the CelebA folder: never part of it
+    root = tmp_path / ("data/img_align_celeba" if layout == "itself" else "data")
+    opt = dcgan.parse_args(["--dataroot", str(root), "--imageSize", "32", "--batchSize", "4", "--cache-dir", ""])
+    data, nc, _ = dcgan.build_dataset(opt, dcgan.Ranks())
+    assert len(data.paths) == 10 and all(os.sep + "img_align_celeba" + os.sep in p for p in data.paths)
+    batch = next(dcgan.Batches(decode(data), 4, 0, 0, 1, 0, torch.device("cpu")).epoch(0, 0))
     assert batch.shape == (4, 3, 32, 32) and batch.dtype == torch.uint8 and nc == 3
 
 
-def test_celeba_face_crop():
-    # a 178x218 picture whose centre 108x108 square is white and the rest black: the crop keeps only white
-    img = torch.zeros(3, 218, 178, dtype=torch.uint8)
-    img[:, 55:163, 35:143] = 255
-    out = dcgan.image_transform("celeba", 64)(img)
-    assert out.shape == (3, 64, 64) and out.min() == 255
+def framed(h, w, inner):
+    """An h x w black picture with a white centre square of side `inner`."""
+    img = torch.zeros(3, h, w, dtype=torch.uint8)
+    top, left = (h - inner) // 2, (w - inner) // 2
+    img[:, top:top + inner, left:left + inner] = 255
+    return img
+
+
+@pytest.mark.parametrize("h, w, face", [(218, 178, 108), (109, 89, 54), (436, 356, 216)])
+def test_celeba_face_crop_scales_with_the_picture(h, w, face):
+    # the centre square of 108/178 of the width is white, the rest black: the crop keeps only white
+    out = dcgan.image_transform("celeba", 32)(framed(h, w, face + 2))  # (+2: either rounding of the centre)
+    assert out.shape == (3, 32, 32) and out.min() == 255
+
+
+def test_celeba_already_square_is_not_padded():
+    # a CelebA picture someone already cropped and resized to 64x64: used whole, no black border
+    out = dcgan.image_transform("celeba", 32)(torch.full((3, 64, 64), 255, dtype=torch.uint8))
+    assert out.shape == (3, 32, 32) and out.min() == 255
+
+
+def test_16_bit_images_are_scaled_not_clipped(tmp_path):
+    for value, expected in ((65535, 255), (128 * 257, 128), (1000, 4), (0, 0)):
+        Image.new("I;16", (9, 9), value).save(tmp_path / f"deep{value}.png")
+        img = dcgan.decode_image(tmp_path / f"deep{value}.png", 3)
+        assert img.shape == (3, 9, 9) and img.dtype == torch.uint8
+        assert int(img.min()) == int(img.max()) == expected, (value, img.max())
+    assert dcgan.decode_image(tmp_path / "deep1000.png", 1).shape == (1, 9, 9)
 
 
 @pytest.mark.parametrize("nested", [False, True])
@@ -239,8 +306,8 @@ def test_odd_images_decode_and_bad_ones_are_skipped(tmp_path, capsys):
     good = (d / "000000.jpg").read_bytes()
     (d / "truncated.jpg").write_bytes(good[:len(good) // 3])
     opt = dcgan.parse_args(["--dataset", "folder", "--dataroot", str(d), "--imageSize", "16", "--cache-dir", ""])
-    data, _, _ = dcgan.build_dataset(opt)
-    decoded = dcgan.decode_all(data, 0, lambda *a: None)
+    data, _, _ = dcgan.build_dataset(opt, dcgan.Ranks())
+    decoded = decode(data)
     err = capsys.readouterr().err
     assert "broken.jpg" in err and "skipped" in err
     assert decoded.shape[1:] == (3, 16, 16) and len(decoded) >= 206
@@ -268,6 +335,42 @@ def test_decoded_data_set_is_cached_and_invalidated(tmp_path, capsys):
     assert run_main(args + ["--outf", tmp_path / "c"]) == 0
     assert len(os.listdir(cache)) == 1 and os.listdir(cache) != files
     assert "from cache" not in capsys.readouterr().out
+
+
+def test_decode_goes_straight_into_a_memory_mapped_cache(tmp_path, capsys):
+    """The decoded set is written into a preallocated file and trained from it memory-mapped, so
+    memory use does not grow with the data set; its images equal a decode into memory."""
+    d = make_images(tmp_path / "imgs", 300, size=(30, 20))
+    (d / "broken.jpg").write_bytes(b"not an image")  # skipped: the file holds the 300 good ones
+    opt = dcgan.parse_args(["--dataset", "folder", "--dataroot", str(d), "--imageSize", "16",
+                            "--cache-dir", str(tmp_path / "cache"), "--workers", "0"])
+    dataset, nc, key = dcgan.build_dataset(opt, dcgan.Ranks())
+    data = dcgan.load_data(opt, dataset, key, nc, torch.device("cpu"), dcgan.Ranks(), print, print)
+    files = os.listdir(tmp_path / "cache")
+    assert files == [f"{key}-300.u8"] and os.path.getsize(tmp_path / "cache" / files[0]) == 300 * 3 * 16 * 16
+    assert data.shape == (300, 3, 16, 16)
+    with open("/proc/self/maps") as maps:  # the tensor's memory is the file, mapped
+        assert files[0] in maps.read()
+    assert torch.equal(data, decode(dataset))
+    again = dcgan.load_data(opt, dataset, key, nc, torch.device("cpu"), dcgan.Ranks(), print, print)
+    assert torch.equal(again, data) and "from cache" in capsys.readouterr().out
+    # a run trains from it, and says so
+    assert run_main(["--dataset", "folder", "--dataroot", d, "--cache-dir", tmp_path / "cache", "--dry-run",
+                     "--outf", tmp_path / "out", *TINY]) == 0
+    assert "memory-mapped from cache" in capsys.readouterr().out
+
+
+def test_without_cache_or_memory_the_data_set_is_streamed(tmp_path, monkeypatch, capsys):
+    d = make_images(tmp_path / "imgs", 40, size=(20, 20))
+    opt = dcgan.parse_args(["--dataset", "folder", "--dataroot", str(d), "--imageSize", "16", "--cache-dir", ""])
+    dataset, nc, key = dcgan.build_dataset(opt, dcgan.Ranks())
+    load = lambda: dcgan.load_data(opt, dataset, key, nc, torch.device("cpu"), dcgan.Ranks(),  # noqa: E731
+                                   lambda *a: None, lambda m: print(m, file=sys.stderr))
+    assert isinstance(load(), torch.Tensor)  # 30 KB: fits in memory
+    monkeypatch.setattr(dcgan, "available_memory", lambda: 40 * 3 * 16 * 16)  # twice the set is not there
+    assert load() is dataset and "does not fit in memory" in capsys.readouterr().err
+    opt.preload = True  # asked for: decoded into memory all the same
+    assert isinstance(load(), torch.Tensor)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -307,7 +410,8 @@ def test_dry_run_command_line_writes_outputs(tmp_path):
     assert "Loss_D" in r.stdout and "img/s" in r.stdout
     names = set(os.listdir(out))
     assert {"real_samples.png", "fake_samples_epoch_000.png", "netG_epoch_0.pth", "netD_epoch_0.pth",
-            "checkpoint.pt", "losses.csv"} <= names
+            "losses.csv"} <= names
+    assert "checkpoint.pt" not in names  # a dry run never blocks or bends a later run
     with Image.open(out / "fake_samples_epoch_000.png") as im:
         assert im.size[0] > 16
     g = state(out / "netG_epoch_0.pth")
@@ -319,15 +423,27 @@ def test_dry_run_command_line_writes_outputs(tmp_path):
 def test_generate_writes_pngs(tmp_path):
     out = tmp_path / "out"
     assert run_main(["--dataset", "synthetic", "--dry-run", "--outf", out, *TINY]) == 0
-    for weights in ("netG_epoch_0.pth", "checkpoint.pt"):
-        gen_out = tmp_path / f"gen-{weights}"
-        r = cli(["--generate", 7, "--netG", out / weights, "--outf", gen_out])
+    assert run_main(["--dataset", "synthetic", "--max-steps", 2, "--outf", tmp_path / "run", *TINY]) == 0
+    for weights in (out / "netG_epoch_0.pth", tmp_path / "run" / "checkpoint.pt"):
+        gen_out = tmp_path / f"gen-{weights.name}"
+        r = cli(["--generate", 300, "--netG", weights, "--outf", gen_out])
         assert r.returncode == 0, r.stderr
         pngs = sorted(os.listdir(gen_out / "generated"))
-        assert len(pngs) == 7 and all(p.endswith(".png") for p in pngs)
+        assert pngs == [f"{i:06d}.png" for i in range(300)]
+        assert sorted(os.listdir(gen_out)) == ["generated", "generated_grid.png"]  # no temporary left
         with Image.open(gen_out / "generated" / pngs[0]) as im:
-            assert im.size == (16, 16)
-        assert (gen_out / "generated_grid.png").exists()
+            assert im.size == (16, 16) and im.mode == "RGB"
+    # each PNG is G's image for the seed's z, rounded as save_image rounds; a second --generate
+    # into the same folder is refused
+    G = dcgan.Generator(100, 8, 3, 16).eval()
+    G.load_state_dict(state(out / "netG_epoch_0.pth"))
+    with torch.no_grad():
+        expected = G(torch.randn(256, 100, 1, 1, generator=torch.Generator().manual_seed(999)))[123]
+    png = tmp_path / "gen-netG_epoch_0.pth" / "generated" / "000123.png"
+    got = dcgan.decode_image(png, 3).float() / 255 * 2 - 1
+    assert (got - expected).abs().max() <= 1 / 255 + 1e-6
+    r = cli(["--generate", 3, "--netG", out / "netG_epoch_0.pth", "--outf", tmp_path / "gen-netG_epoch_0.pth"])
+    assert r.returncode == dcgan.EXIT_OUTPUT and "already holds" in r.stderr
 
 
 # ------------------------------------------------------------------------------------------------
@@ -384,7 +500,7 @@ def wait_for(proc, text, timeout=120):
             return lines
         if not line and proc.poll() is not None:
             break
-    raise AssertionError("never printed " + text + ":\n" + "".join(lines) + proc.stderr.read())
+    raise AssertionError("never printed " + text + ":\n" + "".join(lines) + (proc.stderr.read() if proc.stderr else ""))
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -418,33 +534,36 @@ def test_sigint_exits_130_with_a_checkpoint(tmp_path):
 
 
 def test_sigkill_during_saves_never_corrupts_and_resume_continues(tmp_path):
-    """SIGKILL at random moments while a checkpoint is written every iteration: the checkpoint
-    on disk always loads, stray temporaries are cleaned at the next start, and the run finishes
-    with the same weights as one never killed."""
+    """SIGKILL while a large checkpoint is being written (every iteration), at a random point of
+    the write; the temporary file left behind proves that the kill landed inside the save:
+    the checkpoint on disk always loads, the temporaries are cleaned at the next start, and the
+    run finishes with the same weights as one never killed."""
     d = make_images(tmp_path / "imgs", 120, size=(24, 20))
-    base = ["--dataset", "folder", "--dataroot", d, "--cache-dir", "", *TINY, "--niter", 3, "--save-every", 1]
+    big = ["--ngf", 64, "--ndf", 64]  # a checkpoint of about 20 MB: writing it takes most of an iteration
+    base = ["--dataset", "folder", "--dataroot", d, "--cache-dir", "", *TINY, *big, "--niter", 20]
+    saving = ["--save-every", 1, "--log-every", 1]
     rng = random.Random(0)
     out = tmp_path / "killed"
-    kills = 0
-    first = True
+    kills = mid_save = 0
     while kills < 12:
-        p = subprocess.Popen([sys.executable, os.path.join(HERE, "dcgan.py")] + [str(x) for x in base] +
-                             ["--outf", str(out)] + ([] if first else ["--resume"]),
+        p = subprocess.Popen([sys.executable, os.path.join(HERE, "dcgan.py")] + [str(x) for x in base + saving] +
+                             ["--outf", str(out)] + (["--resume"] if kills else []),
                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        if first:
-            wait_for(p, "Loss_D")
-        else:
-            wait_for(p, "resumed")
-        first = False
-        time.sleep(rng.uniform(0.0, 0.4))
+        wait_for(p, "Loss_D")  # in the loop: past the start
+        time.sleep(rng.uniform(0.0, 0.2))
+        deadline = time.time() + 30
+        while not any(".tmp-" in f for f in os.listdir(out)) and p.poll() is None and time.time() < deadline:
+            time.sleep(0.0005)  # until a save is under way
+        time.sleep(rng.uniform(0.0, 0.003))  # at some point of the write
         if p.poll() is not None:
             break
         p.kill()
         p.wait()
         kills += 1
+        mid_save += any(".tmp-" in f for f in os.listdir(out))
         ck = state(out / "checkpoint.pt")  # always whole
         assert all(torch.isfinite(t).all() for t in tensors(ck["netG"]).values())
-    assert kills >= 10
+    assert kills == 12 and mid_save >= 8, (kills, mid_save)  # most of them inside a save
     r = cli(base + ["--outf", out, "--resume"])
     assert r.returncode == 0, r.stderr
     assert not [f for f in os.listdir(out) if ".tmp-" in f]
@@ -460,20 +579,80 @@ def test_stray_temporaries_are_cleaned(tmp_path):
     assert not (out / ".checkpoint.pt.tmp-12345").exists()
 
 
-def test_failed_save_is_reported_and_keeps_the_old_checkpoint(tmp_path, monkeypatch, capsys):
+def file_size_limit(nbytes):
+    """For a child process: writes past nbytes fail with EFBIG, as on a full disk or quota."""
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, nbytes))
+    return limit
+
+
+def test_full_disk_is_one_line_and_keeps_the_old_checkpoint(tmp_path):
+    """Writes that fail part-way through a real torch.save (and a cache that finds no room): one
+    line, exit 6, the old checkpoint byte for byte, no temporary file, however often it is tried."""
+    d = make_images(tmp_path / "imgs", 600, size=(20, 20))
+    out = tmp_path / "out"
+    args = ["--dataset", "folder", "--dataroot", d, "--outf", out, *TINY, "--max-steps", 2]
+    assert run_main(args + ["--cache-dir", ""]) == 0
+    before = (out / "checkpoint.pt").read_bytes()
+    assert len(before) > 300_000  # the limit below cuts it part-way
+    for attempt in range(2):
+        r = subprocess.run([sys.executable, os.path.join(HERE, "dcgan.py")] + [str(a) for a in args] +
+                           ["--resume", "--cache-dir", tmp_path / "cache"], capture_output=True, text=True,
+                           timeout=300, preexec_fn=file_size_limit(200_000))
+        errors = [line for line in r.stderr.splitlines() if not line.startswith("warning:")]
+        assert r.returncode == dcgan.EXIT_OUTPUT, r.stderr
+        assert len(errors) == 1 and "File too large" in errors[0] and "checkpoint.pt" in errors[0], r.stderr
+        assert "Traceback" not in r.stderr
+        # the decoded cache (600 x 768 bytes) did not fit either: a warning, and training went on
+        assert "could not cache the decoded data set" in r.stderr and "Loss_D" in r.stdout
+        assert (out / "checkpoint.pt").read_bytes() == before
+        assert not [f for f in os.listdir(out) if ".tmp-" in f]
+        assert not os.path.exists(tmp_path / "cache") or not os.listdir(tmp_path / "cache")
+
+
+def test_failed_atomic_write_names_the_cause(tmp_path):
+    def torn(f):
+        f.write(b"half")
+        raise OSError(28, "No space left on device")
+    with pytest.raises(dcgan.Fail) as e:
+        dcgan.atomic_write(str(tmp_path / "x.bin"), torn)
+    assert e.value.code == dcgan.EXIT_OUTPUT and "No space left on device" in str(e.value)
+    assert os.listdir(tmp_path) == []
+
+
+def test_damaged_checkpoint_is_named_damaged(tmp_path, capsys):
     out = tmp_path / "out"
     assert run_main(["--dataset", "synthetic", "--max-steps", 2, "--outf", out, *TINY]) == 0
-    before = (out / "checkpoint.pt").read_bytes()
+    raw = bytearray((out / "checkpoint.pt").read_bytes())
+    for where in (len(raw) // 3, len(raw) // 2):  # a few KB overwritten inside the tensors
+        damaged = bytearray(raw)
+        damaged[where:where + 4096] = random.Random(where).randbytes(4096)
+        (tmp_path / "damaged.pt").write_bytes(damaged)
+        code = run_main(["--dataset", "synthetic", "--outf", out, "--resume", tmp_path / "damaged.pt", *TINY])
+        err = capsys.readouterr().err
+        assert code == dcgan.EXIT_FILE and "damaged" in err and err.count("\n") == 1, err
+    # a checkpoint whose tensors hold NaN (which dcgan.py never writes) is damaged too
+    ck = state(out / "checkpoint.pt")
+    moment = ck["optD"]["state"][0]["exp_avg"]
+    moment[(0,) * moment.dim()] = float("nan")
+    torch.save(ck, tmp_path / "nan.pt")
+    assert run_main(["--dataset", "synthetic", "--outf", out, "--resume", tmp_path / "nan.pt", *TINY]) == dcgan.EXIT_FILE
+    assert "damaged" in capsys.readouterr().err
 
-    def full(fd):
-        raise OSError(28, "No space left on device")
-    monkeypatch.setattr(os, "fsync", full)
-    code = run_main(["--dataset", "synthetic", "--max-steps", 2, "--outf", out, "--resume", *TINY])
-    assert code == dcgan.EXIT_OUTPUT
-    err = capsys.readouterr().err
-    assert "No space left on device" in err and err.count("\n") == 1
-    assert (out / "checkpoint.pt").read_bytes() == before
-    assert not [f for f in os.listdir(out) if ".tmp-" in f]
+
+def test_losses_csv_is_appended_and_continues_after_resume(tmp_path):
+    out = tmp_path / "out"
+    args = ["--dataset", "synthetic", "--outf", out, *TINY, "--log-every", 1, "--niter", 1]
+    assert run_main(args + ["--max-steps", 5]) == 0
+    # rows logged after the last save belong to steps that run again: the resume drops them
+    with open(out / "losses.csv", "a") as f:
+        f.write("0,6,6,9,9,9,9,9,9\n")
+    assert run_main(args + ["--max-steps", 4, "--resume"]) == 0
+    rows = (out / "losses.csv").read_text().splitlines()
+    assert rows[0] == ",".join(dcgan.LOG_FIELDS)
+    assert [int(r.split(",")[2]) for r in rows[1:]] == list(range(1, 10))
+    assert state(out / "checkpoint.pt")["history"]["step"] == list(range(1, 10))
 
 
 def test_divergence_stops_before_any_save(tmp_path, capsys):
@@ -520,6 +699,7 @@ def bad_inputs(tmp):
     (tmp / "a_file").write_text("x")
     (tmp / "empty.pt").write_bytes(b"")
     (tmp / "notckpt.pt").write_text("hello")
+    (tmp / "random.pt").write_bytes(random.Random(1).randbytes(5000))
     with open(tmp / "evil.pt", "wb") as f:
         pickle.dump(Evil(), f)
     torch.save({"main.0.weight": torch.zeros(3)}, tmp / "wrongshape.pth")
@@ -540,6 +720,7 @@ def bad_inputs(tmp):
         (["--dataset", "folder", *TINY], E.EXIT_USAGE, "--dataroot"),
         (["--dataset", "folder", "--dataroot", few, "--cache-dir", "", *TINY], E.EXIT_DATA, "fewer than one batch"),
         (["--dataset", "cifar10", "--dataroot", empty], E.EXIT_DATA, "cifar10"),
+        (["--dataset", "cifar10", "--dataroot", tmp / "new" / "cifar"], E.EXIT_DATA, "check the network"),
         (syn[:2] + ["--imageSize", 48], E.EXIT_USAGE, "--imageSize"),
         (syn + ["--batchSize", 0], E.EXIT_USAGE, "--batchSize"),
         (syn + ["--batchSize", "many"], E.EXIT_USAGE, "--batchSize"),
@@ -561,6 +742,8 @@ def bad_inputs(tmp):
         (syn + ["--resume", tmp / "empty.pt"], E.EXIT_FILE, "empty"),
         (syn + ["--resume", tmp / "truncated.pt"], E.EXIT_FILE, "truncated"),
         (syn + ["--resume", tmp / "notckpt.pt"], E.EXIT_FILE, "not a PyTorch file"),
+        (syn + ["--resume", tmp / "random.pt"], E.EXIT_FILE, "not a PyTorch file"),
+        (syn + ["--dry-run", "--resume"], E.EXIT_USAGE, "--dry-run"),
         (syn + ["--resume", tmp / "dict.pt"], E.EXIT_FILE, "not a checkpoint"),
         (syn + ["--resume", tmp / "evil.pt"], E.EXIT_FILE, "refused"),
         (run + ["--resume", "--outf", tmp / "other", "--ngf", 16], E.EXIT_FILE, "ngf 8 saved vs 16 requested"),
@@ -590,7 +773,27 @@ def test_bad_inputs_get_one_line_and_a_code(tmp_path, capsys, monkeypatch):
         assert err.count("\n") == 1 and "Traceback" not in err, (argv, err)
         assert needle in err, (argv, err)
     assert not mark.exists(), "a crafted checkpoint ran code"
+    assert (tmp_path / "new" / "cifar").is_dir()  # made for the download, as pytorch/examples does
     assert {p: p.read_bytes() for p in (tmp_path / "ck").iterdir()} == snapshot
+
+
+def test_the_example_command_lines_work_unchanged(tmp_path):
+    """pytorch/examples' own CI runs these, again and again in one folder: they pass every time,
+    --accel without an accelerator falls back to the CPU, and a dry run leaves nothing that a later
+    run would resume from or be refused for."""
+    for extra in ([], [], ["--accel"]):
+        r = cli(["--dataset", "fake", "--dry-run"] + extra)
+        assert r.returncode == 0, r.stderr
+        assert "Loss_D" in r.stdout and "Traceback" not in r.stderr
+    assert "--accel was given but no accelerator is present; running on the CPU" in r.stderr
+    assert not (tmp_path / "out" / "checkpoint.pt").exists()
+    r = cli(["--dataset", "fake", "--resume"])  # nothing to resume: never a silent skip of epoch 0
+    assert r.returncode == dcgan.EXIT_FILE and "does not exist" in r.stderr
+    assert run_main(["--dataset", "fake", "--max-steps", 1, *TINY]) == 0  # a real run after dry runs
+    real = (tmp_path / "out" / "real_samples.png").read_bytes()
+    assert real != (tmp_path / "out" / "fake_samples_epoch_000.png").read_bytes()
+    r = cli(["--dataset", "fake", "--dry-run", *TINY])  # and a dry run never overwrites that run's files
+    assert r.returncode == dcgan.EXIT_OUTPUT and "holds a run" in r.stderr
 
 
 def test_user_error_on_the_command_line_has_no_traceback(tmp_path):
@@ -605,14 +808,209 @@ def test_user_error_on_the_command_line_has_no_traceback(tmp_path):
 # Distributed: two gloo processes on the CPU
 # ------------------------------------------------------------------------------------------------
 
-def test_torchrun_two_processes_keep_identical_weights(tmp_path):
-    out = tmp_path / "out"
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        os.path.join(HERE, "dcgan.py"), "--dataset", "synthetic", "--outf", str(out),
-                        "--max-steps", "6", "--niter", "1"] + TINY + ["--log-every", "3"],
-                       capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "2 process(es), global batch 32" in r.stdout
+DRIVER = """
+import os, sys, torch
+sys.path.insert(0, {here!r})
+import dcgan
+rank, trace = int(os.environ["RANK"]), os.environ["DCGAN_TRACE"]
+open(f"{{trace}}/pid{{rank}}", "w").write(str(os.getpid()))
+step = dcgan.Trainer.step
+
+def traced_step(self, real, noise_gen):
+    # what this rank trains on: the images (by their top-left pixel) and the sum of its noise
+    g = torch.Generator()
+    g.set_state(noise_gen.get_state())
+    z = torch.randn(real.shape[0], self.nz, 1, 1, generator=g)
+    with open(f"{{trace}}/rank{{rank}}.txt", "a") as f:
+        f.write(" ".join(".".join(map(str, p)) for p in real[:, :2, 0, 0].tolist()) + " | %.6f\\n" % z.sum().item())
+    return step(self, real, noise_gen)
+dcgan.Trainer.step = traced_step
+
+decode_all = dcgan.decode_all
+def traced_decode(*args):
+    open(f"{{trace}}/decoded{{rank}}", "w").close()
+    return decode_all(*args)
+dcgan.decode_all = traced_decode
+
+if os.environ.get("DCGAN_NAN_ON_RANK") == str(rank):  # a fault on one rank alone
+    forward, calls = dcgan.Discriminator.forward, []
+    def poisoned(self, x):
+        calls.append(1)
+        out = forward(self, x)
+        return out * float("nan") if len(calls) > 6 else out
+    dcgan.Discriminator.forward = poisoned
+
+if os.environ.get("DCGAN_MNIST_MIRROR"):  # the MNIST download, from a local folder
+    dcgan.torchvision.datasets.MNIST.mirrors = [os.environ["DCGAN_MNIST_MIRROR"]]
+    dcgan.torchvision.datasets.MNIST.resources = [tuple(r.split(":")) for r in os.environ["DCGAN_MNIST_FILES"].split(",")]
+
+code = dcgan.main(sys.argv[1:])
+open(f"{{trace}}/exit{{rank}}", "w").write(str(code))
+sys.exit(code)
+"""
+
+
+def torchrun(tmp_path, args, env=None, background=False):
+    """dcgan.main in two gloo processes under torchrun, each leaving a trace of what it trained on,
+    its pid and its exit code in tmp_path/trace."""
+    trace = tmp_path / "trace"
+    trace.mkdir(exist_ok=True)
+    for f in trace.iterdir():
+        f.unlink()
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER.format(here=HERE))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(driver)] + [str(a) for a in args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DCGAN_TRACE": str(trace), **(env or {})}
+    if background:
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env), trace
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env), trace
+
+
+def exit_codes(trace):
+    return [int((trace / f"exit{r}").read_text()) if (trace / f"exit{r}").exists() else None for r in (0, 1)]
+
+
+def steps_of(trace, rank):
+    """Per step: (set of image ids, noise sum) that `rank` trained on."""
+    rows = []
+    for line in (trace / f"rank{rank}.txt").read_text().splitlines():
+        images, noise = line.split(" | ")
+        rows.append((frozenset(images.split()), float(noise)))
+    return rows
+
+
+def test_torchrun_shards_noise_and_identical_weights(tmp_path):
+    d = make_numbered_images(tmp_path / "imgs", 96)
+    r, trace = torchrun(tmp_path, ["--dataset", "folder", "--dataroot", d, "--outf", tmp_path / "out",
+                                   "--max-steps", 6, *TINY, "--batchSize", 8, "--log-every", 3])
+    assert r.returncode == 0 and exit_codes(trace) == [0, 0], r.stderr[-3000:]
+    assert "2 process(es), global batch 16" in r.stdout
     assert "ranks agree: G and D weights identical on 2 processes" in r.stdout
     assert r.stdout.count("Loss_D") == 2  # rank 0 alone logs
-    assert state(out / "checkpoint.pt")["step"] == 6
+    assert "FutureWarning" not in r.stderr and "Traceback" not in r.stderr
+    assert state(tmp_path / "out" / "checkpoint.pt")["step"] == 6
+    a, b = steps_of(trace, 0), steps_of(trace, 1)
+    assert len(a) == len(b) == 6
+    for (images_a, noise_a), (images_b, noise_b) in zip(a, b):
+        assert len(images_a) == len(images_b) == 8 and not images_a & images_b  # distinct shards
+        assert noise_a != noise_b  # distinct noise
+    assert len(set().union(*(x for x, _ in a + b))) == 96  # one epoch: every image once
+
+
+def test_torchrun_resume_is_exact_and_each_rank_keeps_its_noise(tmp_path):
+    d = make_numbered_images(tmp_path / "imgs", 96)
+    base = ["--dataset", "folder", "--dataroot", d, *TINY, "--batchSize", 8, "--niter", 2, "--log-every", 3]
+    r, trace = torchrun(tmp_path, base + ["--outf", tmp_path / "a"])  # 12 steps straight
+    assert r.returncode == 0, r.stderr[-3000:]
+    straight = [steps_of(trace, 0), steps_of(trace, 1)]
+    r, trace = torchrun(tmp_path, base + ["--outf", tmp_path / "b", "--max-steps", 4])
+    assert r.returncode == 0, r.stderr[-3000:]
+    ck = state(tmp_path / "b" / "checkpoint.pt")
+    assert len(ck["rng_ranks"]) == 2 and not torch.equal(ck["rng_ranks"][0]["noise"], ck["rng_ranks"][1]["noise"])
+    r, trace = torchrun(tmp_path, base + ["--outf", tmp_path / "b", "--resume"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    resumed = [steps_of(trace, 0), steps_of(trace, 1)]
+    assert resumed[0] == straight[0][4:] and resumed[1] == straight[1][4:]  # same images, same noise
+    assert all(x[1] != y[1] for x, y in zip(*resumed))  # and the ranks' noise differs
+    assert_same_training_state(state(tmp_path / "a" / "checkpoint.pt"), state(tmp_path / "b" / "checkpoint.pt"))
+    # another number of processes cannot continue it exactly: refused in one line
+    r = cli(base + ["--outf", tmp_path / "b", "--resume"])
+    assert r.returncode == dcgan.EXIT_FILE and "written by 2 process(es)" in r.stderr and r.stderr.count("\n") == 1
+
+
+def one_error_line(r, needle):
+    errors = [line for line in r.stderr.splitlines() if line.startswith("dcgan.py: error:")]
+    assert len(errors) == 1 and needle in errors[0], r.stderr[-3000:]
+    assert 'dcgan.py", line' not in r.stderr and "[rank1]" not in r.stderr, r.stderr[-3000:]
+
+
+def test_torchrun_user_errors_end_every_rank_with_one_line(tmp_path):
+    out = tmp_path / "out"
+    syn = ["--dataset", "synthetic", *TINY, "--outf", out]
+    assert run_main(syn + ["--max-steps", 1]) == 0
+    r, trace = torchrun(tmp_path, syn)  # rank 0 alone checks --outf
+    assert exit_codes(trace) == [dcgan.EXIT_OUTPUT] * 2
+    one_error_line(r, "already holds a run")
+    bad = make_images(tmp_path / "bad", 40, size=(20, 20))
+    for i in range(5):
+        (bad / f"broken{i}.jpg").write_bytes(b"garbage")
+    r, trace = torchrun(tmp_path, ["--dataset", "folder", "--dataroot", bad, *TINY, "--outf", tmp_path / "o2"])
+    assert exit_codes(trace) == [dcgan.EXIT_DATA] * 2  # found by the decode on local rank 0 alone
+    one_error_line(r, "could not be read")
+    r, trace = torchrun(tmp_path, syn + ["--lr", "-1"])
+    assert exit_codes(trace) == [dcgan.EXIT_USAGE] * 2
+    one_error_line(r, "--lr")
+
+
+def test_torchrun_nan_on_one_rank_stops_every_rank(tmp_path):
+    r, trace = torchrun(tmp_path, ["--dataset", "synthetic", *TINY, "--outf", tmp_path / "out", "--log-every", 2,
+                                   "--save-every", 1], env={"DCGAN_NAN_ON_RANK": "1"})
+    assert exit_codes(trace) == [dcgan.EXIT_DIVERGED] * 2
+    one_error_line(r, "training diverged")
+    ck = state(tmp_path / "out" / "checkpoint.pt")  # saved before the NaN, finite
+    assert all(torch.isfinite(t).all() for t in tensors(ck).values() if t.is_floating_point())
+
+
+def test_torchrun_sigterm_to_one_rank_stops_every_rank_within_a_step_or_two(tmp_path):
+    p, trace = torchrun(tmp_path, ["--dataset", "synthetic", *TINY, "--outf", tmp_path / "out",
+                                   "--log-every", 100, "--niter", 50], background=True)
+    wait_for(p, "[0/50][100/")
+    os.kill(int((trace / "pid1").read_text()), signal.SIGTERM)  # rank 1 alone, between two log lines
+    sent = len((trace / "rank1.txt").read_text().splitlines())
+    p.communicate(timeout=120)
+    assert exit_codes(trace) == [143, 143]
+    step = state(tmp_path / "out" / "checkpoint.pt")["step"]
+    assert sent <= step <= sent + 3, (sent, step)  # acted on at once, not at the next log line (200)
+
+
+@pytest.fixture
+def http_folder():
+    """Serves a folder over HTTP on the loopback address, as a download mirror does:
+    folder -> (URL, list of the paths asked for)."""
+    servers, asked = [], []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            asked.append(f"{self.command} {self.path}")
+
+    def serve(folder):
+        handler = functools.partial(Handler, directory=str(folder))
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}/", asked
+    yield serve
+    for server in servers:
+        server.shutdown()
+
+
+def make_mnist_mirror(folder, n=64):
+    """The four MNIST files, tiny, gzipped as the real mirror serves them: (folder, files)."""
+    folder.mkdir()
+    g = torch.Generator().manual_seed(0)
+    contents = {"train-images-idx3-ubyte": (2051, [n, 28, 28]), "train-labels-idx1-ubyte": (2049, [n]),
+                "t10k-images-idx3-ubyte": (2051, [8, 28, 28]), "t10k-labels-idx1-ubyte": (2049, [8])}
+    files = []
+    for name, (magic, shape) in contents.items():
+        header = b"".join(v.to_bytes(4, "big") for v in [magic] + shape)
+        body = torch.randint(0, 10 if magic == 2049 else 256, shape, generator=g, dtype=torch.uint8).numpy().tobytes()
+        data = gzip.compress(header + body)
+        (folder / (name + ".gz")).write_bytes(data)
+        files.append(f"{name}.gz:{hashlib.md5(data).hexdigest()}")
+    return folder, ",".join(files)
+
+
+def test_mnist_downloads_into_a_new_folder_once_per_node(tmp_path, http_folder):
+    folder, files = make_mnist_mirror(tmp_path / "mirror")
+    mirror, asked = http_folder(folder)
+    root = tmp_path / "new" / "mnist"  # does not exist yet
+    r, trace = torchrun(tmp_path, ["--dataset", "mnist", "--dataroot", root, *TINY, "--batchSize", 8,
+                                   "--max-steps", 2, "--outf", tmp_path / "out", "--log-every", 1],
+                        env={"DCGAN_MNIST_MIRROR": mirror, "DCGAN_MNIST_FILES": files})
+    assert r.returncode == 0 and exit_codes(trace) == [0, 0], r.stderr[-3000:]
+    # four files, fetched by local rank 0 alone (torchvision asks once to follow redirects, once to fetch)
+    gets = [a for a in asked if a.startswith("GET")]
+    assert len(set(gets)) == 4 and all(gets.count(g) <= 2 for g in gets), asked
+    assert sorted(os.listdir(root / "MNIST" / "raw"))[:2] == ["t10k-images-idx3-ubyte", "t10k-images-idx3-ubyte.gz"]
+    assert (trace / "decoded0").exists() and not (trace / "decoded1").exists()  # decoded once per node
+    assert "1 images of 1x16x16" not in r.stdout and "64 images of 1x16x16" in r.stdout
