@@ -627,7 +627,7 @@ def test_damaged_checkpoint_is_named_damaged(tmp_path, capsys):
     raw = bytearray((out / "checkpoint.pt").read_bytes())
     for where in (len(raw) // 3, len(raw) // 2):  # a few KB overwritten inside the tensors
         damaged = bytearray(raw)
-        damaged[where:where + 4096] = random.Random(where).randbytes(4096)
+        damaged[where:where + 4096] = raw[where + 4:where + 4100]  # each float its neighbour: finite, only the checksum tells
         (tmp_path / "damaged.pt").write_bytes(damaged)
         code = run_main(["--dataset", "synthetic", "--outf", out, "--resume", tmp_path / "damaged.pt", *TINY])
         err = capsys.readouterr().err
@@ -794,6 +794,7 @@ def test_the_example_command_lines_work_unchanged(tmp_path):
     assert real != (tmp_path / "out" / "fake_samples_epoch_000.png").read_bytes()
     r = cli(["--dataset", "fake", "--dry-run", *TINY])  # and a dry run never overwrites that run's files
     assert r.returncode == dcgan.EXIT_OUTPUT and "holds a run" in r.stderr
+    assert "N iterations in this run" in " ".join(dcgan.build_parser().format_help().split())  # --max-steps
 
 
 def test_user_error_on_the_command_line_has_no_traceback(tmp_path):
@@ -837,7 +838,7 @@ if os.environ.get("DCGAN_NAN_ON_RANK") == str(rank):  # a fault on one rank alon
     def poisoned(self, x):
         calls.append(1)
         out = forward(self, x)
-        return out * float("nan") if len(calls) > 6 else out
+        return out * float("nan") if len(calls) == 9 else out  # D in G's update of step 2
     dcgan.Discriminator.forward = poisoned
 
 if os.environ.get("DCGAN_MNIST_MIRROR"):  # the MNIST download, from a local folder
@@ -946,7 +947,9 @@ def test_torchrun_nan_on_one_rank_stops_every_rank(tmp_path):
     r, trace = torchrun(tmp_path, ["--dataset", "synthetic", *TINY, "--outf", tmp_path / "out", "--log-every", 2,
                                    "--save-every", 1], env={"DCGAN_NAN_ON_RANK": "1"})
     assert exit_codes(trace) == [dcgan.EXIT_DIVERGED] * 2
-    one_error_line(r, "training diverged")
+    # rank 1's D output turns NaN in G's update of step 2; rank 0 skips that update too (had it
+    # applied the NaN gradients that DDP shares, its own first NaN would come in step 3)
+    one_error_line(r, "training diverged: a non-finite loss or D output at epoch 0, iteration 2 (step 2)")
     ck = state(tmp_path / "out" / "checkpoint.pt")  # saved before the NaN, finite
     assert all(torch.isfinite(t).all() for t in tensors(ck).values() if t.is_floating_point())
 
