@@ -111,6 +111,10 @@ def build_parser():
       help="continue from a checkpoint (default PATH: OUTF/checkpoint.pt)")
     a("--generate", type=int, default=0, metavar="N",
       help="write N images from --netG into OUTF/generated/ and exit")
+    a("--interpolate", type=int, default=0, metavar="N",
+      help="write OUTF/interpolation.png from --netG: N rows, each a walk between two random z, and exit")
+    a("--export-real", type=int, default=0, metavar="N",
+      help="write N training images, cropped and resized as G sees them, into OUTF/real/ and exit (for FID)")
     return p
 
 
@@ -128,8 +132,10 @@ def parse_args(argv=None):
         (opt.log_every >= 1, "--log-every must be at least 1"),
         (opt.save_every >= 0 and opt.max_steps >= 0, "--save-every and --max-steps must be 0 or more"),
         (opt.save_minutes >= 0, "--save-minutes must be 0 or more"),
-        (opt.generate >= 0, "--generate must be 0 or more"),
-        (not (opt.generate and not opt.netG), "--generate needs --netG PATH (weights or a checkpoint)"),
+        (opt.generate >= 0 and opt.interpolate >= 0 and opt.export_real >= 0,
+         "--generate, --interpolate and --export-real must be 0 or more"),
+        (not ((opt.generate or opt.interpolate) and not opt.netG),
+         "--generate and --interpolate need --netG PATH (weights or a checkpoint)"),
         (opt.manualSeed >= 0, "--manualSeed must be 0 or more"),
         (not (opt.dry_run and opt.resume is not None), "--dry-run writes no checkpoint and cannot --resume one; drop one of them"),
     ]
@@ -138,7 +144,7 @@ def parse_args(argv=None):
             raise Fail(EXIT_USAGE, message)
     if opt.dataset in ("imagenet", "lfw"):
         opt.dataset = "folder"
-    if opt.dataroot is None and opt.dataset not in ("fake", "synthetic") and not opt.generate:
+    if opt.dataroot is None and opt.dataset not in ("fake", "synthetic") and not (opt.generate or opt.interpolate):
         raise Fail(EXIT_USAGE, f"--dataroot is required for --dataset {opt.dataset} "
                                "(or use --dataset synthetic, which needs no download)")
     return opt
@@ -868,6 +874,18 @@ class Trainer:
         return images
 
 
+def slerp(z0, z1, t):
+    """Spherical interpolation between latent vectors (paper, section 6.1: walking the latent
+    space). Gaussian z of high dimension lie near a sphere; a straight line between two of them
+    passes through the low-norm middle that G never saw in training, the arc does not."""
+    a, b = z0.flatten(1), z1.flatten(1)
+    omega = torch.arccos((F.normalize(a, dim=1) * F.normalize(b, dim=1)).sum(1).clamp(-1, 1)).unsqueeze(1)
+    so = torch.sin(omega)
+    mix = torch.where(so > 1e-6, (torch.sin((1 - t) * omega) * a + torch.sin(t * omega) * b) / so.clamp(min=1e-6),
+                      (1 - t) * a + t * b)  # (nearly) parallel: the line is the arc
+    return mix.view_as(z0)
+
+
 # ------------------------------------------------------------------------------------------------
 # Checkpoints, samples and logs. Every file is written atomically: a crash leaves the old or the
 # new file, whole, never a torn one.
@@ -1110,10 +1128,8 @@ def prepare_outf(outf):
         raise Fail(EXIT_OUTPUT, f"--outf {outf} cannot be written ({e.strerror or e}); choose another folder")
 
 
-def generate(opt, device):
-    """--generate N: N separate PNGs (what FID tools read) and one grid, from --netG. The PNGs are
-    written plainly into a temporary folder, made durable once, and renamed OUTF/generated when
-    all are there: fast for 50,000 images, and never a half-written folder."""
+def load_generator(opt):
+    """The generator of --netG (weights or a checkpoint), its shape read from the file."""
     state = load_file(opt.netG, "--netG")
     if isinstance(state, dict) and "netG" in state and "format" in state:
         state = state["netG"]
@@ -1123,35 +1139,95 @@ def generate(opt, device):
     except Exception:
         raise Fail(EXIT_FILE, f"--netG {opt.netG} is not a generator state dict")
     load_weights(netG, opt.netG, "--netG")
-    folder = os.path.join(opt.outf, "generated")
-    prepare_outf(opt.outf)
+    return netG.eval()
+
+
+def to_pixels(images):
+    """[-1, 1] floats to uint8, rounded as torchvision's save_image rounds."""
+    return images.add(1).mul(127.5).add(0.5).clamp(0, 255).to(torch.uint8)
+
+
+def write_png_folder(folder, batches):
+    """Each uint8 image of each batch as folder/NNNNNN.png. They are written plainly into a
+    temporary folder, made durable once and renamed `folder` when all are there: fast for 50,000
+    images, and never a half-filled folder. Returns the first 64 images, for a grid."""
+    outf = os.path.dirname(folder)
+    prepare_outf(outf)
     if os.path.isdir(folder) and os.listdir(folder):
         raise Fail(EXIT_OUTPUT, f"{folder} already holds files; choose another --outf")
-    clean_stale_temporaries(opt.outf)
-    netG.to(device).eval()
-    g = torch.Generator(device).manual_seed(opt.manualSeed)
-    grid, tmp = [], temporary_name(folder)
+    clean_stale_temporaries(outf)
+    tmp, count, grid = temporary_name(folder), 0, []
     try:
         os.makedirs(tmp)
-        with torch.no_grad():
-            for start in range(0, opt.generate, 256):
-                z = torch.randn(min(256, opt.generate - start), nz, 1, 1, device=device, generator=g)
-                images = netG(z).float().cpu()
-                pixels = images.add(1).mul(127.5).add(0.5).clamp(0, 255).to(torch.uint8)  # as save_image rounds
-                for i, img in enumerate(pixels):
-                    torchvision.io.write_png(img, os.path.join(tmp, f"{start + i:06d}.png"))
-                grid += images[:64 - len(grid)]
+        for batch in batches:
+            for img in batch.permute(0, 2, 3, 1).squeeze(-1).numpy():  # (B, S, S, C), or (B, S, S) for grey
+                Image.fromarray(img).save(os.path.join(tmp, f"{count:06d}.png"))
+                count += 1
+            grid += batch[:64 - len(grid)]
         if hasattr(os, "sync"):
             os.sync()  # every PNG on disk, with one call rather than one fsync per file
         os.replace(tmp, folder)
-        fsync_folder(opt.outf)
+        fsync_folder(outf)
     except (OSError, RuntimeError) as e:
         remove_quietly(tmp)
         raise Fail(EXIT_OUTPUT, f"could not write the images into {folder}: {getattr(e, 'strerror', None) or str(e).splitlines()[0]}; "
                                 "free disk space or choose another --outf")
-    save_grid(torch.stack(grid), os.path.join(opt.outf, "generated_grid.png"))
-    print(f"wrote {opt.generate} images of {size}x{size} to {folder}/ and a grid to "
+    return torch.stack(grid).float() / 127.5 - 1
+
+
+def generate(opt, device):
+    """--generate N: N separate PNGs (what FID tools read) and one grid, from --netG."""
+    netG = load_generator(opt).to(device)
+    g = torch.Generator(device).manual_seed(opt.manualSeed)
+    nz = netG.main[0].in_channels
+
+    def batches():
+        with torch.no_grad():
+            for start in range(0, opt.generate, 256):
+                z = torch.randn(min(256, opt.generate - start), nz, 1, 1, device=device, generator=g)
+                yield to_pixels(netG(z).float().cpu())
+    folder = os.path.join(opt.outf, "generated")
+    grid = write_png_folder(folder, batches())
+    save_grid(grid, os.path.join(opt.outf, "generated_grid.png"))
+    print(f"wrote {opt.generate} images of {grid.shape[-1]}x{grid.shape[-1]} to {folder}/ and a grid to "
           f"{os.path.join(opt.outf, 'generated_grid.png')}")
+    return 0
+
+
+def interpolate(opt, device, steps=10):
+    """--interpolate N: N rows of `steps` images, each row G along the arc between two random z."""
+    netG = load_generator(opt).to(device)
+    g = torch.Generator(device).manual_seed(opt.manualSeed)
+    nz = netG.main[0].in_channels
+    ends = torch.randn(2, opt.interpolate, nz, 1, 1, device=device, generator=g)
+    t = torch.linspace(0, 1, steps, device=device).repeat(opt.interpolate).unsqueeze(1)
+    z = slerp(ends[0].repeat_interleave(steps, 0), ends[1].repeat_interleave(steps, 0), t)  # row after row
+    with torch.no_grad():
+        images = netG(z).float().cpu()  # (N * steps, nc, S, S)
+    prepare_outf(opt.outf)
+    path = os.path.join(opt.outf, "interpolation.png")
+    atomic_write(path, lambda f: vutils.save_image(images, f, format="png", nrow=steps, normalize=True, value_range=(-1, 1)))
+    print(f"wrote {opt.interpolate} latent walks of {steps} steps to {path}")
+    return 0
+
+
+def export_real(opt):
+    """--export-real N: N training images as PNGs, exactly as the networks see them (same crop and
+    resize), a seeded random sample: the real side of an FID that compares like with like."""
+    dataset, nc, _ = build_dataset(opt, Ranks())
+    n = min(opt.export_real, len(dataset))
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(opt.manualSeed))[:n].tolist()
+
+    def batches():
+        if isinstance(dataset, torch.Tensor):
+            for i in range(0, n, 256):
+                yield dataset[order[i:i + 256]]
+        else:
+            loader = torch.utils.data.DataLoader(dataset, batch_size=256, sampler=order, num_workers=opt.workers)
+            yield from loader
+    folder = os.path.join(opt.outf, "real")
+    write_png_folder(folder, batches())
+    print(f"wrote {n} training images of {opt.imageSize}x{opt.imageSize} to {folder}/")
     return 0
 
 
@@ -1397,8 +1473,11 @@ def main(argv=None):
             raise Fail(e.code, str(e), quiet=os.environ.get("RANK", "0") != "0")
         device, ranks = setup_distributed(opt)
         try:
-            if opt.generate:
-                return generate(opt, device) if ranks.main else 0
+            if opt.generate or opt.interpolate or opt.export_real:  # one process does these
+                if not ranks.main:
+                    return 0
+                return generate(opt, device) if opt.generate else interpolate(opt, device) if opt.interpolate \
+                    else export_real(opt)
             return train(opt, device, ranks)
         finally:
             if dist.is_initialized():

@@ -446,6 +446,49 @@ def test_generate_writes_pngs(tmp_path):
     assert r.returncode == dcgan.EXIT_OUTPUT and "already holds" in r.stderr
 
 
+def test_slerp_walks_the_arc():
+    g = torch.Generator().manual_seed(0)
+    z0, z1 = torch.randn(4, 100, 1, 1, generator=g), torch.randn(4, 100, 1, 1, generator=g)
+    assert torch.allclose(dcgan.slerp(z0, z1, torch.zeros(4, 1)), z0, atol=1e-5)
+    assert torch.allclose(dcgan.slerp(z0, z1, torch.ones(4, 1)), z1, atol=1e-5)
+    mid = dcgan.slerp(z0, z1, torch.full((4, 1), 0.5))
+    # the norm stays that of the ends (about 10 for 100-d Gaussians); the straight line's midpoint is ~7
+    assert (mid.flatten(1).norm(dim=1) > 0.95 * torch.minimum(z0.flatten(1).norm(dim=1), z1.flatten(1).norm(dim=1))).all()
+    assert (((z0 + z1) / 2).flatten(1).norm(dim=1) < 0.9 * mid.flatten(1).norm(dim=1)).all()
+    assert torch.allclose(dcgan.slerp(z0, z0, torch.full((4, 1), 0.3)), z0, atol=1e-5)  # same ends
+
+
+def test_interpolate_writes_latent_walks(tmp_path):
+    assert run_main(["--dataset", "synthetic", "--dry-run", "--outf", tmp_path / "run", *TINY]) == 0
+    weights = tmp_path / "run" / "netG_epoch_0.pth"
+    for out in ("a", "b"):
+        assert run_main(["--interpolate", 3, "--netG", weights, "--outf", tmp_path / out]) == 0
+    png = tmp_path / "a" / "interpolation.png"
+    assert png.read_bytes() == (tmp_path / "b" / "interpolation.png").read_bytes()  # seeded
+    grid = dcgan.decode_image(png, 3)
+    assert grid.shape == (3, 2 + 3 * 18, 2 + 10 * 18)  # 3 rows of 10 images of 16x16, 2-pixel borders
+    # each row starts and ends at G of two z that differ from row to row
+    rows = [grid[:, 2 + 18 * r:18 + 18 * r, 2:18] for r in range(3)]
+    assert not torch.equal(rows[0], rows[1]) and not torch.equal(rows[1], rows[2])
+    assert run_main(["--interpolate", 3]) == dcgan.EXIT_USAGE
+
+
+def test_export_real_writes_what_the_networks_see(tmp_path):
+    d = make_numbered_images(tmp_path / "celeba" / "img_align_celeba", 40, size=(178, 218))
+    assert run_main(["--dataroot", tmp_path / "celeba", "--export-real", 25, "--imageSize", 32,
+                     "--outf", tmp_path / "out", "--workers", 0]) == 0
+    pngs = sorted(os.listdir(tmp_path / "out" / "real"))
+    assert pngs == [f"{i:06d}.png" for i in range(25)]
+    opt = dcgan.parse_args(["--dataroot", str(tmp_path / "celeba"), "--imageSize", "32", "--cache-dir", ""])
+    dataset, _, _ = dcgan.build_dataset(opt, dcgan.Ranks())
+    seen = {tuple(dataset[i][:, 0, 0].tolist()): dataset[i] for i in range(40)}
+    for name in pngs:
+        img = dcgan.decode_image(tmp_path / "out" / "real" / name, 3)
+        assert img.shape == (3, 32, 32) and torch.equal(img, seen[tuple(img[:, 0, 0].tolist())])
+    assert len({tuple(dcgan.decode_image(tmp_path / "out" / "real" / n, 3)[:, 0, 0].tolist()) for n in pngs}) == 25
+    assert d.is_dir()
+
+
 # ------------------------------------------------------------------------------------------------
 # Checkpoints, resume, crashes
 # ------------------------------------------------------------------------------------------------
