@@ -16,6 +16,7 @@ The file reads top to bottom: configuration, device and distributed setup, data,
 training step, checkpoints and samples, main. Import it to use the pieces: nothing runs on import.
 """
 import argparse
+import copy
 import datetime
 import glob
 import hashlib
@@ -103,6 +104,11 @@ def build_parser():
       help="decode the data set once into a uint8 tensor (default: when it fits in memory)")
     a("--cache-dir", default=os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "dcgan"),
       help="where decoded data sets are cached between runs, '' for none (default: %(default)s)")
+    a("--ema", type=float, default=0.0, metavar="DECAY",
+      help="also keep an exponential moving average of G's weights with this decay (e.g. 0.999), warmed up "
+           "over the first steps; samples, --generate and netG_ema_epoch_N.pth use it (default: off)")
+    a("--sample-bn", default="eval", choices=["eval", "batch"],
+      help="BatchNorm when sampling: eval (running statistics) or batch (each batch's own statistics) (default: %(default)s)")
     a("--log-every", type=int, default=50, help="log every N iterations (default: %(default)s)")
     a("--save-every", type=int, default=0, help="also save the checkpoint every N iterations (0: off)")
     a("--save-minutes", type=float, default=10.0, help="also save the checkpoint every N minutes, 0 for never (default: %(default)s)")
@@ -128,6 +134,7 @@ def parse_args(argv=None):
         (opt.workers >= 0, "--workers must be 0 or more"),
         (math.isfinite(opt.lr) and opt.lr > 0, "--lr must be a positive number"),
         (0 <= opt.beta1 < 1, "--beta1 must be in [0, 1)"),
+        (0 <= opt.ema < 1, "--ema must be in [0, 1): 0 for off, or a decay such as 0.999"),
         (opt.ngpu >= 1, "--ngpu must be at least 1"),
         (opt.log_every >= 1, "--log-every must be at least 1"),
         (opt.save_every >= 0 and opt.max_steps >= 0, "--save-every and --max-steps must be 0 or more"),
@@ -747,6 +754,13 @@ class Trainer:
         # Python costs more than running them. Needs the sync-free path: fused Adam, no scaler.
         self.cuda_graph = bool(cuda_graph and device.type == "cuda" and self.scaler is None
                            and world == 1 and opt.ngpu == 1 and self.optD.defaults.get("fused"))
+        # The averaged G (--ema): a copy whose weights and BatchNorm statistics follow G's by an
+        # exponential moving average, updated inside the step (foreach ops, no host sync).
+        self.netG_ema = copy.deepcopy(netG).requires_grad_(False).eval() if opt.ema else None
+        self.ema_decay = opt.ema
+        if self.netG_ema is not None:  # the tensors the average reads and writes, fixed for the run
+            self.ema_pairs = [[x for x in net.state_dict().values() if x.is_floating_point()]
+                              for net in (self.netG_ema, netG)]
         self.graph, self.eager_steps = None, 0
         self.sums = torch.zeros(5, device=device)  # Loss_D, Loss_G, D(x), D(G(z)) before/after
         self.count = 0
@@ -849,11 +863,24 @@ class Trainer:
         self.netD.requires_grad_(True)
         if self.scaler is not None and self.bad_step.item() < 0:
             self.scaler.update()  # one scale update per iteration, after both optimizer steps
+        if self.netG_ema is not None:
+            self.update_ema()
         self.step_t += 1
 
         with torch.no_grad():
             self.sums += torch.stack([loss_d, loss_g, torch.sigmoid(out_real.float()).mean(),
                                       torch.sigmoid(out_fake.float()).mean(), torch.sigmoid(out_g.float()).mean()])
+
+    @torch.no_grad()
+    def update_ema(self):
+        """ema = d * ema + (1 - d) * G for weights and BatchNorm statistics, with the decay warmed
+        up as d = min(DECAY, (1 + t) / (10 + t)) at step t: a plain 0.999 average over a short run
+        would stay close to the random initial weights."""
+        t = self.step_t.float()
+        d = torch.clamp((1 + t) / (10 + t), max=self.ema_decay)
+        ema, own = self.ema_pairs
+        torch._foreach_mul_(ema, d)
+        torch._foreach_add_(ema, torch._foreach_mul(own, 1 - d))
 
     def read_stats(self):
         """Means since the last call, as floats: the one host sync, at log time."""
@@ -863,15 +890,22 @@ class Trainer:
         return values
 
     @torch.no_grad()
-    def sample(self, noise):
-        """Images from fixed noise. G is put in eval mode, so BatchNorm uses its running
-        statistics: each image depends on its own z alone (not on the rest of the batch), the
-        training statistics are left untouched, and --generate of one image works the same."""
-        self.netG.eval()
+    def sample(self, noise, batch_stats=False):
+        """Images from fixed noise, by the averaged G when there is one."""
         with self.autocast():
-            images = self.netG(noise).float()
-        self.netG.train()
-        return images
+            return sample(self.netG_ema or self.netG, noise, batch_stats).float()
+
+
+@torch.no_grad()
+def sample(netG, z, batch_stats=False):
+    """G(z) for viewing. By default BatchNorm uses its running statistics (eval mode), so each image
+    depends on its own z alone and one image comes out as in a batch; with batch_stats, on the
+    statistics of this batch, as in training. Either way G's own statistics are left untouched."""
+    was_training = netG.training
+    net = copy.deepcopy(netG).train() if batch_stats else netG.eval()
+    images = net(z)
+    netG.train(was_training)
+    return images
 
 
 def slerp(z0, z1, t):
@@ -986,10 +1020,10 @@ def load_file(path, what):
         raise Fail(EXIT_FILE, f"{what} {path} cannot be loaded: {reason}")
 
 
-def load_weights(net, path, what):
+def load_weights(net, path, what, state=None):
     """A state dict from --netG / --netD (pytorch/examples' files included), or the matching part
     of a checkpoint, into `net`; one line when it does not fit."""
-    state = load_file(path, what)
+    state = load_file(path, what) if state is None else state
     if isinstance(state, dict) and "netG" in state and "format" in state:
         state = state["netG" if what == "--netG" else "netD"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -1021,7 +1055,8 @@ def make_checkpoint(tr, epoch, it, step, fixed_noise, config, history, noise_gen
             "optG": tr.optG.state_dict(), "optD": tr.optD.state_dict(),
             "scaler": tr.scaler.state_dict() if tr.scaler else {},
             "epoch": epoch, "iter": it, "step": step, "fixed_noise": fixed_noise.cpu(),
-            "config": config, "rng": every_rank[0], "rng_ranks": every_rank, "history": history}
+            "config": config, "rng": every_rank[0], "rng_ranks": every_rank, "history": history,
+            **({"netG_ema": tr.netG_ema.state_dict()} if tr.netG_ema is not None else {})}
 
 
 def read_checkpoint(path, config):
@@ -1132,13 +1167,13 @@ def load_generator(opt):
     """The generator of --netG (weights or a checkpoint), its shape read from the file."""
     state = load_file(opt.netG, "--netG")
     if isinstance(state, dict) and "netG" in state and "format" in state:
-        state = state["netG"]
+        state = state.get("netG_ema", state["netG"])  # a checkpoint: its averaged G when it has one
     try:
         nz, ngf, nc, size = generator_shape(clean_state_dict(state))
         netG = Generator(nz, ngf, nc, size)
     except Exception:
         raise Fail(EXIT_FILE, f"--netG {opt.netG} is not a generator state dict")
-    load_weights(netG, opt.netG, "--netG")
+    load_weights(netG, opt.netG, "--netG", state)
     return netG.eval()
 
 
@@ -1185,7 +1220,7 @@ def generate(opt, device):
         with torch.no_grad():
             for start in range(0, opt.generate, 256):
                 z = torch.randn(min(256, opt.generate - start), nz, 1, 1, device=device, generator=g)
-                yield to_pixels(netG(z).float().cpu())
+                yield to_pixels(sample(netG, z, opt.sample_bn == "batch").float().cpu())
     folder = os.path.join(opt.outf, "generated")
     grid = write_png_folder(folder, batches())
     save_grid(grid, os.path.join(opt.outf, "generated_grid.png"))
@@ -1202,8 +1237,7 @@ def interpolate(opt, device, steps=10):
     ends = torch.randn(2, opt.interpolate, nz, 1, 1, device=device, generator=g)
     t = torch.linspace(0, 1, steps, device=device).repeat(opt.interpolate).unsqueeze(1)
     z = slerp(ends[0].repeat_interleave(steps, 0), ends[1].repeat_interleave(steps, 0), t)  # row after row
-    with torch.no_grad():
-        images = netG(z).float().cpu()  # (N * steps, nc, S, S)
+    images = sample(netG, z, opt.sample_bn == "batch").float().cpu()  # (N * steps, nc, S, S)
     prepare_outf(opt.outf)
     path = os.path.join(opt.outf, "interpolation.png")
     atomic_write(path, lambda f: vutils.save_image(images, f, format="png", nrow=steps, normalize=True, value_range=(-1, 1)))
@@ -1302,6 +1336,8 @@ class Run:
         if ckpt is not None:
             tr.optG.load_state_dict(ckpt["optG"])
             tr.optD.load_state_dict(ckpt["optD"])
+            if tr.netG_ema is not None:  # (a run that starts averaging on resume starts from G)
+                tr.netG_ema.load_state_dict(ckpt.get("netG_ema", self.netG.state_dict()))
             tr.set_capturable()
             if tr.scaler and ckpt["scaler"]:
                 tr.scaler.load_state_dict(ckpt["scaler"])
@@ -1438,8 +1474,11 @@ class Run:
             self.epoch, self.it = epoch + 1, 0
 
         def files():
-            save_grid(self.tr.sample(self.fixed_noise), os.path.join(opt.outf, f"fake_samples_epoch_{epoch:03d}.png"))
+            save_grid(self.tr.sample(self.fixed_noise, opt.sample_bn == "batch"),
+                      os.path.join(opt.outf, f"fake_samples_epoch_{epoch:03d}.png"))
             atomic_save(self.netG.state_dict(), os.path.join(opt.outf, f"netG_epoch_{epoch}.pth"))
+            if self.tr.netG_ema is not None:
+                atomic_save(self.tr.netG_ema.state_dict(), os.path.join(opt.outf, f"netG_ema_epoch_{epoch}.pth"))
             atomic_save(self.netD.state_dict(), os.path.join(opt.outf, f"netD_epoch_{epoch}.pth"))
             plot_losses(opt.outf, self.history)
         self.save(files)

@@ -79,7 +79,8 @@ def tensors(obj, prefix=""):
 
 
 def assert_same_training_state(a, b):
-    for key in ("netG", "netD", "optG", "optD"):
+    assert ("netG_ema" in a) == ("netG_ema" in b)
+    for key in ("netG", "netD", "optG", "optD") + (("netG_ema",) if "netG_ema" in a else ()):
         ta, tb = tensors(a[key]), tensors(b[key])
         assert ta.keys() == tb.keys() and ta
         for k in ta:
@@ -205,6 +206,37 @@ def test_fp16_gradient_scaler_updates_once_per_iteration():
         tr.step(torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8), gen)
     # three iterations without inf: exactly one growth (two updates per iteration would give two)
     assert tr.scaler.get_scale() == 2.0 ** 9 and int(tr.scaler._growth_tracker) == 0
+
+
+def test_averaged_generator_follows_g_with_a_warm_up():
+    opt = dcgan.parse_args(["--dataset", "fake", "--ngf", "8", "--ndf", "8", "--imageSize", "16", "--batchSize", "8",
+                            "--ema", "0.9"])
+    torch.manual_seed(0)
+    G, D = dcgan.Generator(opt.nz, 8, 3, 16), dcgan.Discriminator(3, 8, 16)
+    tr = dcgan.Trainer(G, D, opt, torch.device("cpu"), None, False, False, 1)
+    gen = torch.Generator().manual_seed(0)
+    floats = lambda net: {k: v.clone() for k, v in net.state_dict().items() if v.is_floating_point()}  # noqa: E731
+    for t in range(40):
+        ema_before = floats(tr.netG_ema)
+        tr.step(torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8), gen)
+        d = min(0.9, (1 + t) / (10 + t))  # 0.1 at the first step: the average is mostly G at once
+        for k, v in floats(tr.netG_ema).items():  # weights and BatchNorm statistics alike
+            assert torch.allclose(v, d * ema_before[k] + (1 - d) * G.state_dict()[k], atol=1e-6), (t, k)
+    assert not any(p.requires_grad for p in tr.netG_ema.parameters())
+    assert not torch.equal(tr.netG_ema.main[0].weight, G.main[0].weight)
+
+
+def test_sampling_with_batch_statistics_leaves_g_untouched():
+    torch.manual_seed(0)
+    G = dcgan.Generator(10, 8, 3, 16)
+    G.apply(dcgan.weights_init)
+    G.train()(torch.randn(16, 10, 1, 1))  # some running statistics
+    before = {k: v.clone() for k, v in G.state_dict().items()}
+    z = torch.randn(8, 10, 1, 1)
+    by_batch, by_running = dcgan.sample(G, z, batch_stats=True), dcgan.sample(G, z)
+    assert not torch.allclose(by_batch, by_running)
+    assert torch.allclose(dcgan.sample(G, z[:1]), by_running[:1], atol=1e-6)  # eval: one image as in a batch
+    assert all(torch.equal(v, before[k]) for k, v in G.state_dict().items()) and G.training
 
 
 # ------------------------------------------------------------------------------------------------
@@ -531,6 +563,17 @@ def stop_with_max_steps(n):
 def test_resume_is_bitwise_exact(tmp_path, steps):
     d = make_images(tmp_path / "imgs", 200, size=(24, 20))
     resume_pair(tmp_path, ["--dataset", "folder", "--dataroot", d, "--workers", 0], stop_with_max_steps(steps))
+
+
+def test_averaged_generator_resumes_exactly_and_is_what_generate_uses(tmp_path):
+    a, b = resume_pair(tmp_path, ["--dataset", "fake", "--ema", 0.99], stop_with_max_steps(70))  # 64 a epoch
+    ck = state(b / "checkpoint.pt")
+    assert "netG_ema" in ck and not torch.equal(ck["netG_ema"]["main.0.weight"], ck["netG"]["main.0.weight"])
+    assert torch.equal(state(a / "netG_ema_epoch_0.pth")["main.0.weight"], state(b / "netG_ema_epoch_0.pth")["main.0.weight"])
+    for name, weights in (("ckpt", a / "checkpoint.pt"), ("ema", a / "netG_ema_epoch_1.pth"), ("raw", a / "netG_epoch_1.pth")):
+        assert run_main(["--generate", 4, "--netG", weights, "--outf", tmp_path / name]) == 0
+    png = lambda name: (tmp_path / name / "generated" / "000003.png").read_bytes()  # noqa: E731
+    assert png("ckpt") == png("ema") != png("raw")
 
 
 def wait_for(proc, text, timeout=120):
