@@ -104,6 +104,10 @@ def build_parser():
       help="decode the data set once into a uint8 tensor (default: when it fits in memory)")
     a("--cache-dir", default=os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "dcgan"),
       help="where decoded data sets are cached between runs, '' for none (default: %(default)s)")
+    a("--lr-d", type=float, default=0.0, help="D's Adam learning rate, if not --lr")
+    a("--lr-g", type=float, default=0.0, help="G's Adam learning rate, if not --lr")
+    a("--real-label", type=float, default=1.0,
+      help="D's target for real images; 0.9 is one-sided label smoothing (default: %(default)s)")
     a("--ema", type=float, default=0.0, metavar="DECAY",
       help="also keep an exponential moving average of G's weights with this decay (e.g. 0.999), warmed up "
            "over the first steps; samples, --generate and netG_ema_epoch_N.pth use it (default: off)")
@@ -132,7 +136,9 @@ def parse_args(argv=None):
         (opt.nz >= 1 and opt.ngf >= 1 and opt.ndf >= 1, "--nz, --ngf and --ndf must be at least 1"),
         (opt.niter >= 1, "--niter must be at least 1"),
         (opt.workers >= 0, "--workers must be 0 or more"),
-        (math.isfinite(opt.lr) and opt.lr > 0, "--lr must be a positive number"),
+        (all(math.isfinite(lr) and lr > 0 for lr in (opt.lr, opt.lr_d or 1, opt.lr_g or 1)),
+         "--lr, --lr-d and --lr-g must be positive numbers"),
+        (0.5 < opt.real_label <= 1, "--real-label must be in (0.5, 1]: 1, or 0.9 for one-sided label smoothing"),
         (0 <= opt.beta1 < 1, "--beta1 must be in [0, 1)"),
         (0 <= opt.ema < 1, "--ema must be in [0, 1): 0 for off, or a decay such as 0.999"),
         (opt.ngpu >= 1, "--ngpu must be at least 1"),
@@ -744,11 +750,12 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
         self.world = world
         try:
-            self.optG = torch.optim.Adam(netG.parameters(), lr=opt.lr, betas=betas, fused=True)
-            self.optD = torch.optim.Adam(netD.parameters(), lr=opt.lr, betas=betas, fused=True)
+            self.optG = torch.optim.Adam(netG.parameters(), lr=opt.lr_g or opt.lr, betas=betas, fused=True)
+            self.optD = torch.optim.Adam(netD.parameters(), lr=opt.lr_d or opt.lr, betas=betas, fused=True)
         except RuntimeError:  # a device without a fused Adam
-            self.optG = torch.optim.Adam(netG.parameters(), lr=opt.lr, betas=betas)
-            self.optD = torch.optim.Adam(netD.parameters(), lr=opt.lr, betas=betas)
+            self.optG = torch.optim.Adam(netG.parameters(), lr=opt.lr_g or opt.lr, betas=betas)
+            self.optD = torch.optim.Adam(netD.parameters(), lr=opt.lr_d or opt.lr, betas=betas)
+        self.real_label = opt.real_label
         # One CUDA graph replays the whole step (both forwards, backwards and Adam updates): at
         # batch 128 a step is hundreds of small kernels, and launching them one by one from
         # Python costs more than running them. Needs the sync-free path: fused Adam, no scaler.
@@ -832,6 +839,9 @@ class Trainer:
         b = real.shape[0]
         ones = torch.ones(b, device=self.device)
         zeros = torch.zeros(b, device=self.device)
+        # D's target for real images: 1, or less with one-sided label smoothing (Salimans et al. 2016,
+        # section 3.4); the fakes' target stays 0, and G's stays 1
+        real_targets = torch.full((b,), self.real_label, device=self.device)
 
         ############################
         # (1) Update D: maximize log(D(x)) + log(1 - D(G(z)))
@@ -843,7 +853,7 @@ class Trainer:
             # image (pytorch/examples does the same). fake is detached: this step trains D only.
             out_real = self.d(real)
             out_fake = self.d(fake.detach())
-        loss_d = (F.binary_cross_entropy_with_logits(out_real.float(), ones)
+        loss_d = (F.binary_cross_entropy_with_logits(out_real.float(), real_targets)
                   + F.binary_cross_entropy_with_logits(out_fake.float(), zeros))
         finite_d = torch.isfinite(loss_d) & torch.isfinite(out_real).all() & torch.isfinite(out_fake).all()
         self.update(self.optD, loss_d, finite_d)
@@ -1097,7 +1107,7 @@ def restore_rng(ckpt, noise_gen, rank):
         torch.cuda.set_rng_state_all(rng["cuda"][:torch.cuda.device_count()])
 
 
-LOG_FIELDS = ["epoch", "iter", "step", "loss_d", "loss_g", "d_x", "d_g_z1", "d_g_z2", "img_per_s"]
+LOG_FIELDS = ["epoch", "iter", "step", "loss_d", "loss_g", "d_x", "d_g_z1", "d_g_z2", "img_per_s", "warning"]
 
 
 def csv_line(values):
@@ -1311,6 +1321,7 @@ class Run:
         self.history = {k: [] for k in LOG_FIELDS}
         self.epoch = self.it = self.step = 0
         self.last_good = None
+        self.d_wins_since, self.warned = None, set()
 
     def load_data(self):
         opt = self.opt
@@ -1330,6 +1341,7 @@ class Run:
             self.netG.load_state_dict(ckpt["netG"])
             self.netD.load_state_dict(ckpt["netD"])
             self.fixed_noise, self.history = ckpt["fixed_noise"], ckpt["history"]
+            self.history.setdefault("warning", [""] * len(self.history["step"]))  # (older checkpoints)
             self.epoch, self.it, self.step = ckpt["epoch"], ckpt["iter"], ckpt["step"]
             self.last_good = self.resume_path
         self.tr = tr = Trainer(self.netG, self.netD, opt, self.device, dtype, channels_last, use_compile, ranks.world, cuda_graph)
@@ -1350,6 +1362,8 @@ class Run:
             self.total = min(self.total, self.step + opt.max_steps)
         tr.step_t.fill_(self.step)
         self.on_main(self.first_files)
+        real = next(Batches(self.data, min(64, len(self.data)), opt.manualSeed, 0, 1, 0, torch.device("cpu")).epoch(0, 0))
+        self.real_spread = (real.float() / 127.5 - 1).std(0).mean().item()  # per-pixel spread of the data
         data = self.data
         self.log(f"{opt.dataset}: {len(data)} images of {self.nc}x{opt.imageSize}x{opt.imageSize}, "
                  f"{'decoded once, in ' + str(data.device) + ' memory' if isinstance(data, torch.Tensor) else f'decoded each epoch by {opt.workers} workers'}"
@@ -1430,11 +1444,34 @@ class Run:
                  f"D(x): {d_x:.4f} D(G(z)): {d_g_z1:.4f} / {d_g_z2:.4f} | {rate:.0f} img/s | "
                  f"left: epoch {hms((per_epoch - self.it) * opt.batchSize * world / rate)} "
                  f"run {hms((self.total - self.step) * opt.batchSize * world / rate)}", flush=True)
-        row = (self.epoch, self.it, self.step, loss_d, loss_g, d_x, d_g_z1, d_g_z2, rate)
+        warning = self.watch_for_collapse(d_g_z1, loss_g) if self.ranks.main else ""
+        row = (self.epoch, self.it, self.step, loss_d, loss_g, d_x, d_g_z1, d_g_z2, rate, warning)
         for k, v in zip(LOG_FIELDS, row):
             self.history[k].append(v)
         if self.ranks.main:
             append_losses(opt.outf, row)
+
+    def watch_for_collapse(self, d_g_z, loss_g, stretch=200):
+        """The two ways a DCGAN run fails while its losses stay finite, each said once, with what to
+        try, and named in losses.csv: D wins outright (D(G(z)) below 0.01 for `stretch` iterations,
+        so G's gradient has all but vanished), or the fixed-noise samples stop varying (their
+        per-pixel spread below a tenth of the data's: mode collapse). Checked from iteration 200."""
+        self.d_wins_since = (self.d_wins_since if self.d_wins_since is not None else self.step) if d_g_z < 0.01 else None
+        kinds = []
+        if self.d_wins_since is not None and self.step - self.d_wins_since >= stretch:
+            kinds.append(("d_wins", f"D has rejected nearly every fake for {self.step - self.d_wins_since} iterations "
+                                    f"(D(G(z)) {d_g_z:.4f}, Loss_G {loss_g:.2f}): G has stopped learning"))
+        if self.step >= 200:
+            spread = sample(self.tr.netG_ema or self.netG, self.fixed_noise, self.opt.sample_bn == "batch").float().std(0).mean().item()
+            if spread < 0.1 * self.real_spread:
+                kinds.append(("collapsed", f"the samples from the fixed noise have stopped varying (per-pixel spread "
+                                           f"{spread:.3f}, the data's {self.real_spread:.3f}): mode collapse"))
+        for kind, what in kinds:
+            if kind not in self.warned:
+                self.warned.add(kind)
+                print(f"warning: iteration {self.step} (epoch {self.epoch}): {what}; try a lower --lr, "
+                      f"another --manualSeed, or --resume from an earlier checkpoint copy", file=sys.stderr, flush=True)
+        return "+".join(kind for kind, _ in kinds)
 
     def check_finite(self, state=None):
         """Stop on the first non-finite loss or D output (the ranks agreed on it in the step);

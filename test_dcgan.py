@@ -16,6 +16,7 @@ import time
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from PIL import Image
 
 import dcgan
@@ -206,6 +207,29 @@ def test_fp16_gradient_scaler_updates_once_per_iteration():
         tr.step(torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8), gen)
     # three iterations without inf: exactly one growth (two updates per iteration would give two)
     assert tr.scaler.get_scale() == 2.0 ** 9 and int(tr.scaler._growth_tracker) == 0
+
+
+def test_levers_label_smoothing_and_separate_learning_rates():
+    opt = dcgan.parse_args(["--dataset", "fake", "--ngf", "8", "--ndf", "8", "--imageSize", "16", "--batchSize", "8",
+                            "--real-label", "0.9", "--lr-d", "0.0004", "--lr-g", "0.0001"])
+    torch.manual_seed(0)
+    G, D = dcgan.Generator(opt.nz, 8, 3, 16), dcgan.Discriminator(3, 8, 16)
+    G.apply(dcgan.weights_init)
+    D.apply(dcgan.weights_init)
+    tr = dcgan.Trainer(G, D, opt, torch.device("cpu"), None, False, False, 1)
+    assert tr.optD.param_groups[0]["lr"] == 0.0004 and tr.optG.param_groups[0]["lr"] == 0.0001
+    real = torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8)
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(8, opt.nz, 1, 1, generator=torch.Generator().manual_seed(0))  # what the step draws
+    D_before = {k: v.clone() for k, v in D.state_dict().items()}
+    with torch.no_grad():
+        fake = G(z)
+        out_real, out_fake = D(real.float() / 127.5 - 1), D(fake)
+    D.load_state_dict(D_before)  # (those forwards moved BatchNorm's running statistics)
+    expected = (F.binary_cross_entropy_with_logits(out_real, torch.full((8,), 0.9))
+                + F.binary_cross_entropy_with_logits(out_fake, torch.zeros(8)))
+    tr.step(real, gen)
+    assert abs(tr.read_stats()[0] - expected.item()) < 1e-5  # D's real target is 0.9
 
 
 def test_averaged_generator_follows_g_with_a_warm_up():
@@ -418,7 +442,24 @@ def mean_image_distance(G, data, nz):
     return (fake.mean(0) - real.mean(0)).pow(2).mean().item()
 
 
-def test_short_synthetic_run_learns(tmp_path):
+def test_collapse_is_warned_once_and_logged(tmp_path, capsys):
+    """A run made to fail: G starts from all-zero weights (every sample the same grey) and a high
+    --lr lets D win outright. Both warnings come once, and losses.csv names them from then on."""
+    G = dcgan.Generator(100, 8, 3, 16)
+    torch.save({k: torch.zeros_like(v) for k, v in G.state_dict().items()}, tmp_path / "zero.pth")
+    out = tmp_path / "out"
+    assert run_main(["--dataset", "synthetic", *TINY, "--netG", tmp_path / "zero.pth", "--lr", 0.005,
+                     "--max-steps", 500, "--log-every", 25, "--outf", out]) == 0
+    err = capsys.readouterr().err
+    assert err.count("warning: iteration 200 (epoch 0): the samples from the fixed noise have stopped varying") == 1, err
+    assert err.count("D has rejected nearly every fake") == 1 and err.count("try a lower --lr") == 2, err
+    rows = [r.split(",") for r in (out / "losses.csv").read_text().splitlines()]
+    assert rows[0][-1] == "warning"
+    warnings = {int(r[2]): r[-1] for r in rows[1:]}
+    assert warnings[175] == "" and warnings[200] == "collapsed" and warnings[500] == "d_wins+collapsed"
+
+
+def test_short_synthetic_run_learns(tmp_path, capsys):
     """G's mean image moves toward the data's mean image (a face on a background); it would not
     if the G step did nothing."""
     out = tmp_path / "run"
@@ -433,6 +474,9 @@ def test_short_synthetic_run_learns(tmp_path):
     G.load_state_dict(state(out / "checkpoint.pt")["netG"])
     end = mean_image_distance(G, data, 100)
     assert end < 0.35 * start, (start, end)
+    # and a healthy run raises no collapse warning
+    assert "warning" not in capsys.readouterr().err
+    assert all(r.endswith(",") for r in (out / "losses.csv").read_text().splitlines()[1:])
 
 
 def test_dry_run_command_line_writes_outputs(tmp_path):
@@ -812,6 +856,9 @@ def bad_inputs(tmp):
         (syn + ["--batchSize", "many"], E.EXIT_USAGE, "--batchSize"),
         (syn + ["--lr", "nan"], E.EXIT_USAGE, "--lr"),
         (syn + ["--lr", -1], E.EXIT_USAGE, "--lr"),
+        (syn + ["--lr-d", -1], E.EXIT_USAGE, "--lr-d"),
+        (syn + ["--real-label", 0.3], E.EXIT_USAGE, "--real-label"),
+        (syn + ["--ema", 1], E.EXIT_USAGE, "--ema"),
         (syn + ["--niter", 0], E.EXIT_USAGE, "--niter"),
         (syn + ["--beta1", 1.5], E.EXIT_USAGE, "--beta1"),
         (syn + ["--workers", -1], E.EXIT_USAGE, "--workers"),
