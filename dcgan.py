@@ -11,6 +11,8 @@ Train a face generator, by default on CelebA at 64x64:
            --master_port=29500 dcgan.py --dataroot celeba                         # DDP, two nodes
   python dcgan.py --resume --outf out --dataroot celeba --cuda                     # continue a run
   python dcgan.py --generate 1000 --netG out/netG_epoch_24.pth --outf fid          # images, no training
+  python dcgan.py --export-real 1000 --dataroot celeba --outf fid                  # real side of an FID
+  python dcgan.py --interpolate 8 --netG out/checkpoint.pt --outf walks            # latent walks
 
 The file reads top to bottom: configuration, device and distributed setup, data, models, the
 training step, checkpoints and samples, main. Import it to use the pieces: nothing runs on import.
