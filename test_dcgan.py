@@ -680,8 +680,10 @@ def test_sigkill_during_saves_never_corrupts_and_resume_continues(tmp_path):
                              ["--outf", str(out)] + (["--resume"] if kills else []),
                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         wait_for(p, "Loss_D")  # in the loop: past the start
+        deadline = time.time() + 60
+        while not (out / "checkpoint.pt").exists() and time.time() < deadline:
+            time.sleep(0.001)  # (the first run: until its first save is whole, so there is one to resume)
         time.sleep(rng.uniform(0.0, 0.2))
-        deadline = time.time() + 30
         while not any(".tmp-" in f for f in os.listdir(out)) and p.poll() is None and time.time() < deadline:
             time.sleep(0.0005)  # until a save is under way
         time.sleep(rng.uniform(0.0, 0.003))  # at some point of the write
