@@ -14,8 +14,10 @@ Train a face generator, by default on CelebA at 64x64:
   python dcgan.py --export-real 1000 --dataroot celeba --outf fid                  # real side of an FID
   python dcgan.py --interpolate 8 --netG out/checkpoint.pt --outf walks            # latent walks
 
-The file reads top to bottom: configuration, device and distributed setup, data, models, the
-training step, checkpoints and samples, main. Import it to use the pieces: nothing runs on import.
+The file reads as a lesson first: the networks and their initialisation, one training iteration,
+sampling. A reader who stops there has read a complete DCGAN. The machinery follows, in the order
+a run uses it: data, checkpoints and files, devices and processes, the speed of a step, the run,
+the command line. Import it to use the pieces: nothing runs on import.
 """
 import argparse
 import copy
@@ -59,255 +61,176 @@ class Fail(Exception):
 
 
 # ------------------------------------------------------------------------------------------------
-# Configuration
+# The networks (paper, section 3): all-convolutional, BatchNorm, ReLU in G with Tanh at the
+# output, LeakyReLU(0.2) in D, no pooling and no fully connected hidden layers. The number of
+# blocks follows log2(image size); at 64x64 both equal pytorch/examples layer for layer,
+# state-dict keys included (main.0.weight, ...), so its .pth files load here.
 # ------------------------------------------------------------------------------------------------
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, not argparse's usage block
-        raise Fail(EXIT_USAGE, f"{message} (see --help)")
+def check_size(image_size):
+    if image_size not in (16, 32, 64, 128, 256):
+        raise ValueError(f"image_size must be a power of two from 16 to 256, got {image_size}")
+    return int(math.log2(image_size)) - 3  # blocks between the 4x4 stage and the image
 
 
-def build_parser():
-    p = Parser(description="Train a DCGAN (Radford et al. 2015) or generate images from a trained one.")
-    a = p.add_argument
-    # The flags of pytorch/examples dcgan/main.py, same names and meanings.
-    a("--dataset", default="celeba",
-      choices=["celeba", "folder", "imagenet", "lfw", "cifar10", "mnist", "lsun", "fake", "synthetic"],
-      help="data set; imagenet and lfw are folder data sets, synthetic needs no download (default: %(default)s)")
-    a("--dataroot", help="path to the data set (not needed for fake and synthetic)")
-    a("--workers", type=int, default=2, help="data loading worker processes (default: %(default)s)")
-    a("--batchSize", type=int, default=128, help="batch size per process (default: %(default)s)")
-    a("--imageSize", type=int, default=64, help="image height and width: a power of two, 16 to 256 (default: %(default)s)")
-    a("--nz", type=int, default=100, help="size of the latent z vector (default: %(default)s)")
-    a("--ngf", type=int, default=64, help="generator width (default: %(default)s)")
-    a("--ndf", type=int, default=64, help="discriminator width (default: %(default)s)")
-    a("--niter", type=int, default=25, help="number of epochs to train for (default: %(default)s)")
-    a("--lr", type=float, default=0.0002, help="Adam learning rate (default: %(default)s)")
-    a("--beta1", type=float, default=0.5, help="Adam beta1 (default: %(default)s)")
-    a("--dry-run", action="store_true", help="run a single training iteration, then save and exit")
-    a("--ngpu", type=int, default=1, help="number of GPUs to use through nn.DataParallel (default: %(default)s)")
-    a("--netG", default="", help="generator weights to start from (or to --generate with)")
-    a("--netD", default="", help="discriminator weights to start from")
-    a("--outf", default="out", help="folder for samples, weights, checkpoint and logs (default: %(default)s)")
-    a("--manualSeed", type=int, default=999, help="seed for weights, data order and noise (default: %(default)s)")
-    a("--classes", default="bedroom", help="comma-separated LSUN classes (default: %(default)s)")
-    a("--accel", action="store_true", help="use the current accelerator (torch.accelerator)")
-    a("--cuda", action="store_true", help="use CUDA")
-    # Additions.
-    a("--device", default="", help="device to use, e.g. cpu, cuda, cuda:1, mps, xpu (default: best present)")
-    a("--amp", default="auto", choices=["auto", "off", "bf16", "fp16"],
-      help="mixed precision; auto is fp32, which learned best (default: %(default)s)")
-    a("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile G and D")
-    a("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
-      help="replay each training step as one CUDA graph (default: on with one CUDA GPU)")
-    a("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-      help="channels-last memory format (default: chosen per device and precision)")
-    a("--preload", action=argparse.BooleanOptionalAction, default=None,
-      help="decode the data set once into a uint8 tensor (default: when it fits in memory)")
-    a("--cache-dir", default=os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "dcgan"),
-      help="where decoded data sets are cached between runs, '' for none (default: %(default)s)")
-    a("--lr-d", type=float, default=0.0, help="D's Adam learning rate, if not --lr")
-    a("--lr-g", type=float, default=0.0, help="G's Adam learning rate, if not --lr")
-    a("--real-label", type=float, default=1.0,
-      help="D's target for real images; 0.9 is one-sided label smoothing (default: %(default)s)")
-    a("--ema", type=float, default=0.0, metavar="DECAY",
-      help="also keep an exponential moving average of G's weights with this decay (e.g. 0.999), warmed up "
-           "over the first steps; samples, --generate and netG_ema_epoch_N.pth use it (default: off)")
-    a("--sample-bn", default="eval", choices=["eval", "batch"],
-      help="BatchNorm when sampling: eval (running statistics) or batch (each batch's own statistics) (default: %(default)s)")
-    a("--log-every", type=int, default=50, help="log every N iterations (default: %(default)s)")
-    a("--save-every", type=int, default=0, help="also save the checkpoint every N iterations (0: off)")
-    a("--save-minutes", type=float, default=10.0, help="also save the checkpoint every N minutes, 0 for never (default: %(default)s)")
-    a("--max-steps", type=int, default=0, help="stop (and save) after N iterations in this run (0: no limit)")
-    a("--resume", nargs="?", const="", default=None, metavar="PATH",
-      help="continue from a checkpoint (default PATH: OUTF/checkpoint.pt)")
-    a("--generate", type=int, default=0, metavar="N",
-      help="write N images from --netG into OUTF/generated/ and exit")
-    a("--interpolate", type=int, default=0, metavar="N",
-      help="write OUTF/interpolation.png from --netG: N rows, each a walk between two random z, and exit")
-    a("--export-real", type=int, default=0, metavar="N",
-      help="write N training images, cropped and resized as G sees them, into OUTF/real/ and exit (for FID)")
-    return p
+class Generator(nn.Module):
+    def __init__(self, nz=100, ngf=64, nc=3, image_size=64):
+        super().__init__()
+        n = check_size(image_size)
+        width = ngf * 2 ** n
+        # (B, nz, 1, 1) -> (B, ngf*2^n, 4, 4): the paper's projection of z, as a convolution
+        layers = [nn.ConvTranspose2d(nz, width, 4, 1, 0, bias=False), nn.BatchNorm2d(width), nn.ReLU(True)]
+        for _ in range(n):  # each block doubles the size and halves the width
+            # (B, w, s, s) -> (B, w/2, 2s, 2s)
+            layers += [nn.ConvTranspose2d(width, width // 2, 4, 2, 1, bias=False),
+                       nn.BatchNorm2d(width // 2), nn.ReLU(True)]
+            width //= 2
+        # (B, ngf, S/2, S/2) -> (B, nc, S, S), no BatchNorm on the output layer (paper, section 3)
+        layers += [nn.ConvTranspose2d(width, nc, 4, 2, 1, bias=False), nn.Tanh()]
+        self.main = nn.Sequential(*layers)
+
+    def forward(self, z):
+        return self.main(z)
 
 
-def parse_args(argv=None):
-    opt = build_parser().parse_args(argv)
-    checks = [
-        (opt.batchSize >= 1, "--batchSize must be at least 1"),
-        (opt.imageSize in (16, 32, 64, 128, 256), "--imageSize must be 16, 32, 64, 128 or 256"),
-        (opt.nz >= 1 and opt.ngf >= 1 and opt.ndf >= 1, "--nz, --ngf and --ndf must be at least 1"),
-        (opt.niter >= 1, "--niter must be at least 1"),
-        (opt.workers >= 0, "--workers must be 0 or more"),
-        (all(math.isfinite(lr) and lr > 0 for lr in (opt.lr, opt.lr_d or 1, opt.lr_g or 1)),
-         "--lr, --lr-d and --lr-g must be positive numbers"),
-        (0.5 < opt.real_label <= 1, "--real-label must be in (0.5, 1]: 1, or 0.9 for one-sided label smoothing"),
-        (0 <= opt.beta1 < 1, "--beta1 must be in [0, 1)"),
-        (0 <= opt.ema < 1, "--ema must be in [0, 1): 0 for off, or a decay such as 0.999"),
-        (opt.ngpu >= 1, "--ngpu must be at least 1"),
-        (opt.log_every >= 1, "--log-every must be at least 1"),
-        (opt.save_every >= 0 and opt.max_steps >= 0, "--save-every and --max-steps must be 0 or more"),
-        (opt.save_minutes >= 0, "--save-minutes must be 0 or more"),
-        (opt.generate >= 0 and opt.interpolate >= 0 and opt.export_real >= 0,
-         "--generate, --interpolate and --export-real must be 0 or more"),
-        (not ((opt.generate or opt.interpolate) and not opt.netG),
-         "--generate and --interpolate need --netG PATH (weights or a checkpoint)"),
-        (opt.manualSeed >= 0, "--manualSeed must be 0 or more"),
-        (not (opt.dry_run and opt.resume is not None), "--dry-run writes no checkpoint and cannot --resume one; drop one of them"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise Fail(EXIT_USAGE, message)
-    if opt.dataset in ("imagenet", "lfw"):
-        opt.dataset = "folder"
-    if opt.dataroot is None and opt.dataset not in ("fake", "synthetic") and not (opt.generate or opt.interpolate):
-        raise Fail(EXIT_USAGE, f"--dataroot is required for --dataset {opt.dataset} "
-                               "(or use --dataset synthetic, which needs no download)")
-    return opt
+class Discriminator(nn.Module):
+    """Returns logits, not probabilities: the sigmoid lives inside BCEWithLogitsLoss, which is the
+    same objective but numerically stable and safe under autocast."""
+
+    def __init__(self, nc=3, ndf=64, image_size=64):
+        super().__init__()
+        n = check_size(image_size)
+        # (B, nc, S, S) -> (B, ndf, S/2, S/2), no BatchNorm on the input layer (paper, section 3)
+        layers = [nn.Conv2d(nc, ndf, 4, 2, 1, bias=False), nn.LeakyReLU(0.2, inplace=True)]
+        width = ndf
+        for _ in range(n):  # (B, w, s, s) -> (B, 2w, s/2, s/2)
+            layers += [nn.Conv2d(width, width * 2, 4, 2, 1, bias=False),
+                       nn.BatchNorm2d(width * 2), nn.LeakyReLU(0.2, inplace=True)]
+            width *= 2
+        # (B, ndf*2^n, 4, 4) -> (B, 1, 1, 1)
+        layers += [nn.Conv2d(width, 1, 4, 1, 0, bias=False)]
+        self.main = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return self.main(x).flatten()  # (B,) logits
+
+
+def weights_init(m):
+    """Paper, section 4: all weights from N(0, 0.02); BatchNorm scale N(1, 0.02), shift 0."""
+    if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+        nn.init.normal_(m.weight, 0.0, 0.02)
+    elif isinstance(m, nn.BatchNorm2d):
+        nn.init.normal_(m.weight, 1.0, 0.02)
+        nn.init.zeros_(m.bias)
 
 
 # ------------------------------------------------------------------------------------------------
-# Device and distributed setup
+# One training iteration (Goodfellow et al. 2014, algorithm 1, with k = 1; paper, section 4)
 # ------------------------------------------------------------------------------------------------
 
-def pick_device(opt, local_rank=0):
-    """--cuda / --accel / --device name one; otherwise the best present: CUDA, MPS, XPU, CPU."""
-    if opt.cuda or opt.device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise Fail(EXIT_DEVICE, "--cuda was given but this torch sees no CUDA GPU; drop --cuda to run on the CPU")
-        if opt.device.startswith("cuda:"):
-            return torch.device(opt.device)
-        return torch.device("cuda", local_rank)
-    if opt.device:
-        try:
-            device = torch.device(opt.device)
-            torch.empty(1, device=device)
-        except (RuntimeError, AssertionError) as e:
-            raise Fail(EXIT_DEVICE, f"--device {opt.device} is not usable here ({str(e).splitlines()[0]})")
-        return device
-    if opt.accel:
-        if torch.accelerator.is_available():
-            return torch.device(torch.accelerator.current_accelerator().type, local_rank)
-        # as pytorch/examples does: no accelerator is not an error, the CPU runs it
-        print("warning: --accel was given but no accelerator is present; running on the CPU", file=sys.stderr)
-        return torch.device("cpu")
-    if torch.cuda.is_available():
-        return torch.device("cuda", local_rank)
-    for kind in ("mps", "xpu"):
-        backend = getattr(torch, kind, None) if kind == "xpu" else getattr(torch.backends, kind, None)
-        if backend is not None and backend.is_available():
-            return torch.device(kind)
-    return torch.device("cpu")
+def adam(params, lr, beta1):
+    """Adam as in the paper (section 4): lr 0.0002, and beta1 0.5, because the default 0.9 made
+    training oscillate. The fused kernel updates all tensors in one launch and can skip an update
+    on the device, without a host sync (see Trainer.update)."""
+    params = list(params)
+    try:
+        return torch.optim.Adam(params, lr=lr, betas=(beta1, 0.999), fused=True)
+    except RuntimeError:  # a device without a fused Adam
+        return torch.optim.Adam(params, lr=lr, betas=(beta1, 0.999))
 
 
-class Ranks:
-    """Who this process is under torchrun, and the few collectives a run needs besides DDP's
-    gradient all-reduce: agreeing on errors, on stopping and on saving, and gathering each rank's
-    RNG state. They run over a gloo group on the CPU, so none of them waits for the GPU. With one
-    process every method is local and free."""
+def train_step(tr, real_u8, noise):
+    """One update of D, then one of G, on a batch of uint8 images and a batch of z. `tr` is the
+    Trainer (section "The speed of a step"): it holds G and D as they run (`tr.g`, `tr.d`, maybe
+    wrapped for several GPUs or compiled), their optimizers, and `tr.update`, which is backward and
+    the Adam step, skipped when a value is not finite. Returns Loss_D, Loss_G, D(x), and D(G(z))
+    before and after D's update, as tensors on the device: reading them would wait for the GPU."""
+    # Images to [-1, 1], the range of G's Tanh (paper, section 3)
+    real = real_u8.float().div_(127.5).sub_(1).contiguous(memory_format=tr.memory_format)
+    b = real.shape[0]
+    ones, zeros = torch.ones(b, device=real.device), torch.zeros(b, device=real.device)
+    # D's target for real images: 1, or less with one-sided label smoothing (Salimans et al. 2016,
+    # section 3.4); the fakes' target stays 0, and G's stays 1
+    real_targets = torch.full((b,), tr.real_label, device=real.device)
 
-    def __init__(self, rank=0, world=1, local_rank=0, local_world=1, group=None):
-        self.rank, self.world, self.local_rank, self.local_world = rank, world, local_rank, local_world
-        self.main, self.group, self.pending = rank == 0, group, None
+    ############################
+    # (1) Update D: maximize log(D(x)) + log(1 - D(G(z)))
+    ############################
+    tr.optD.zero_grad(set_to_none=True)
+    with tr.autocast():
+        fake = tr.g(noise)  # (B, nc, S, S)
+        # Real and fake go through D as separate batches, so each BatchNorm sees one kind of
+        # image (pytorch/examples does the same). fake is detached: this step trains D only.
+        out_real = tr.d(real)
+        out_fake = tr.d(fake.detach())
+    # D returns logits; BCE with logits is log(sigmoid) done stably, and safe under autocast
+    loss_d = (F.binary_cross_entropy_with_logits(out_real.float(), real_targets)
+              + F.binary_cross_entropy_with_logits(out_fake.float(), zeros))
+    tr.update(tr.optD, loss_d, torch.isfinite(loss_d) & torch.isfinite(out_real).all() & torch.isfinite(out_fake).all())
 
-    def gather(self, obj):
-        """[obj of rank 0, obj of rank 1, ...] on every rank."""
-        if self.world == 1:
-            return [obj]
-        out = [None] * self.world
-        dist.all_gather_object(out, obj, group=self.group)
-        return out
+    ############################
+    # (2) Update G: maximize log(D(G(z))), the non-saturating loss (Goodfellow et al. 2014,
+    # section 3): log(1 - D(G(z))) has vanishing gradients early, when D rejects every fake.
+    # The fake batch is reused through the updated D. D's parameters need no gradients here.
+    ############################
+    tr.optG.zero_grad(set_to_none=True)
+    tr.netD.requires_grad_(False)
+    with tr.autocast():
+        out_g = tr.d_for_g(fake)
+    loss_g = F.binary_cross_entropy_with_logits(out_g.float(), ones)  # fake labels are real for G
+    tr.update(tr.optG, loss_g, torch.isfinite(loss_g) & torch.isfinite(out_g).all())
+    tr.netD.requires_grad_(True)
 
-    def agree(self, error=None):
-        """Every rank calls this at the same point. If any rank hit a Fail, every rank raises the
-        first one (rank 0 prints it), so no rank is left waiting in a collective or dies with a
-        traceback of its own."""
-        if self.world == 1:
-            if error is not None:
-                raise error
-            return
-        errors = [e for e in self.gather(None if error is None else (error.code, str(error))) if e]
-        if errors:
-            raise Fail(*errors[0], quiet=not self.main)
-
-    def run(self, fn, *args):
-        """fn(*args) on this rank, then agree: its Fail, or any other rank's, ends every rank."""
-        try:
-            result, error = fn(*args), None
-        except Fail as e:
-            result, error = None, e
-        self.agree(error)
-        return result
-
-    def local_first(self, fn):
-        """fn() on each node's local rank 0 (a download, the decode into the cache), then on the
-        other ranks of the node, which find its result on disk."""
-        first = self.run(fn if self.local_rank == 0 else (lambda: None))
-        later = self.run(fn if self.local_rank != 0 else (lambda: None))
-        return first if self.local_rank == 0 else later
-
-    def flags(self, local):
-        """The element-wise max over the ranks of small integer flags (a signal, a save due),
-        one step late: the all-reduce posted now is read at the next call, so the step never waits
-        for it, and every rank sees the same values at the same step."""
-        if self.world == 1:
-            return local
-        posted = torch.tensor(local, dtype=torch.int64)
-        previous, self.pending = self.pending, (posted, dist.all_reduce(
-            posted, op=dist.ReduceOp.MAX, group=self.group, async_op=True))
-        if previous is None:
-            return [0] * len(local)
-        previous[1].wait()
-        return previous[0].tolist()
-
-    def close(self):
-        if self.pending is not None:
-            self.pending[1].wait()
-            self.pending = None
+    with torch.no_grad():
+        return loss_d, loss_g, *(torch.sigmoid(x.float()).mean() for x in (out_real, out_fake, out_g))
 
 
-def setup_distributed(opt):
-    """Under torchrun (WORLD_SIZE > 1) one DDP process per GPU (or CPU process); else one process."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if world == 1:
-        device = pick_device(opt)
-        if opt.ngpu > 1:
-            present = torch.cuda.device_count() if device.type == "cuda" else 0
-            if opt.ngpu > present:
-                raise Fail(EXIT_DEVICE, f"--ngpu {opt.ngpu} asks for more GPUs than the {present} CUDA GPUs present")
-        return device, Ranks()
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0))
-    # CPU tensors go through gloo, CUDA tensors through NCCL. The control group (Ranks) is gloo on
-    # the CPU, with a timeout long enough for one node to decode CelebA while the others wait.
-    dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
-    ranks = Ranks(rank, world, local_rank, int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
-                  dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=4)))
+# ------------------------------------------------------------------------------------------------
+# Sampling: images from z, the averaged G, walks through the latent space
+# ------------------------------------------------------------------------------------------------
 
-    def device_of_this_rank():
-        if opt.ngpu > 1:
-            raise Fail(EXIT_USAGE, "--ngpu is for a single process; under torchrun use --nproc_per_node instead")
-        device = pick_device(opt, local_rank)
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        return device
-    return ranks.run(device_of_this_rank), ranks
+@torch.no_grad()
+def sample(netG, z, batch_stats=False):
+    """G(z) for viewing. By default BatchNorm uses its running statistics (eval mode), so each image
+    depends on its own z alone and one image comes out as in a batch; with batch_stats, on the
+    statistics of this batch, as in training. Either way G's own statistics are left untouched."""
+    was_training = netG.training
+    net = copy.deepcopy(netG).train() if batch_stats else netG.eval()
+    images = net(z)
+    netG.train(was_training)
+    return images
 
 
-def choose_speed_settings(opt, device):
-    """amp dtype, channels_last, compile and CUDA graphs: explicit flags win; the defaults follow
-    what was measured (README, Performance). Precision: fp32 (TF32 matmuls on CUDA). bf16 was
-    1.4x faster on an H100 but learned measurably worse on the synthetic faces (3 seeds of 3),
-    so it is opt-in. channels_last: on for CUDA and for fp32 on CPU, off for bf16 on CPU, where
-    the two together were reported about 8x slower. CUDA graphs: on with one CUDA GPU."""
-    amp = "off" if opt.amp == "auto" else opt.amp
-    if amp == "fp16" and device.type != "cuda":
-        raise Fail(EXIT_USAGE, "--amp fp16 needs a CUDA GPU; use --amp bf16 or --amp off")
-    dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
-    use_compile = bool(opt.compile)
-    channels_last = opt.channels_last
-    if channels_last is None:  # (compiled channels-last convolution backward failed on torch 2.11)
-        channels_last = (device.type == "cuda" and not use_compile) or (device.type == "cpu" and dtype is None)
-    cuda_graph = opt.cuda_graphs if opt.cuda_graphs is not None else device.type == "cuda"
-    return dtype, channels_last, use_compile, cuda_graph
+@torch.no_grad()
+def update_average(averaged, current, step, decay):
+    """averaged = d * averaged + (1 - d) * current, over two lists of tensors (G's weights and
+    BatchNorm statistics), with d warmed up as min(decay, (1 + t) / (10 + t)) at step t: a plain
+    0.999 average over a short run would stay close to the random initial weights. `step` is a
+    tensor on the device and the updates are foreach ops: no host sync, fine inside a CUDA graph."""
+    t = step.float()
+    d = torch.clamp((1 + t) / (10 + t), max=decay)
+    torch._foreach_mul_(averaged, d)
+    torch._foreach_add_(averaged, torch._foreach_mul(current, 1 - d))
+
+
+def slerp(z0, z1, t):
+    """Spherical interpolation between latent vectors (paper, section 6.1: walking the latent
+    space). Gaussian z of high dimension lie near a sphere; a straight line between two of them
+    passes through the low-norm middle that G never saw in training, the arc does not."""
+    a, b = z0.flatten(1), z1.flatten(1)
+    omega = torch.arccos((F.normalize(a, dim=1) * F.normalize(b, dim=1)).sum(1).clamp(-1, 1)).unsqueeze(1)
+    so = torch.sin(omega)
+    mix = torch.where(so > 1e-6, (torch.sin((1 - t) * omega) * a + torch.sin(t * omega) * b) / so.clamp(min=1e-6),
+                      (1 - t) * a + t * b)  # (nearly) parallel: the line is the arc
+    return mix.view_as(z0)
+
+
+def latent_walks(rows, steps, nz, generator):
+    """z for `rows` walks of `steps` points, row after row, each along the arc between two random z."""
+    device = generator.device
+    ends = torch.randn(2, rows, nz, 1, 1, device=device, generator=generator)
+    t = torch.linspace(0, 1, steps, device=device).repeat(rows).unsqueeze(1)
+    return slerp(ends[0].repeat_interleave(steps, 0), ends[1].repeat_interleave(steps, 0), t)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -630,311 +553,8 @@ class Batches:
 
 
 # ------------------------------------------------------------------------------------------------
-# Models (paper section 3): all-convolutional, BatchNorm, ReLU in G with Tanh at the output,
-# LeakyReLU(0.2) in D, no pooling and no fully connected hidden layers. The number of blocks
-# follows log2(image size); at 64x64 both equal pytorch/examples layer for layer, state-dict keys
-# included (main.0.weight, ...), so its .pth files load here.
-# ------------------------------------------------------------------------------------------------
-
-def check_size(image_size):
-    if image_size not in (16, 32, 64, 128, 256):
-        raise ValueError(f"image_size must be a power of two from 16 to 256, got {image_size}")
-    return int(math.log2(image_size)) - 3  # blocks between the 4x4 stage and the image
-
-
-class Generator(nn.Module):
-    def __init__(self, nz=100, ngf=64, nc=3, image_size=64):
-        super().__init__()
-        n = check_size(image_size)
-        width = ngf * 2 ** n
-        # (B, nz, 1, 1) -> (B, ngf*2^n, 4, 4): the paper's projection of z, as a convolution
-        layers = [nn.ConvTranspose2d(nz, width, 4, 1, 0, bias=False), nn.BatchNorm2d(width), nn.ReLU(True)]
-        for _ in range(n):  # each block doubles the size and halves the width
-            # (B, w, s, s) -> (B, w/2, 2s, 2s)
-            layers += [nn.ConvTranspose2d(width, width // 2, 4, 2, 1, bias=False),
-                       nn.BatchNorm2d(width // 2), nn.ReLU(True)]
-            width //= 2
-        # (B, ngf, S/2, S/2) -> (B, nc, S, S), no BatchNorm on the output layer (paper, section 3)
-        layers += [nn.ConvTranspose2d(width, nc, 4, 2, 1, bias=False), nn.Tanh()]
-        self.main = nn.Sequential(*layers)
-
-    def forward(self, z):
-        return self.main(z)
-
-
-class Discriminator(nn.Module):
-    """Returns logits, not probabilities: the sigmoid lives inside BCEWithLogitsLoss, which is the
-    same objective but numerically stable and safe under autocast."""
-
-    def __init__(self, nc=3, ndf=64, image_size=64):
-        super().__init__()
-        n = check_size(image_size)
-        # (B, nc, S, S) -> (B, ndf, S/2, S/2), no BatchNorm on the input layer (paper, section 3)
-        layers = [nn.Conv2d(nc, ndf, 4, 2, 1, bias=False), nn.LeakyReLU(0.2, inplace=True)]
-        width = ndf
-        for _ in range(n):  # (B, w, s, s) -> (B, 2w, s/2, s/2)
-            layers += [nn.Conv2d(width, width * 2, 4, 2, 1, bias=False),
-                       nn.BatchNorm2d(width * 2), nn.LeakyReLU(0.2, inplace=True)]
-            width *= 2
-        # (B, ndf*2^n, 4, 4) -> (B, 1, 1, 1)
-        layers += [nn.Conv2d(width, 1, 4, 1, 0, bias=False)]
-        self.main = nn.Sequential(*layers)
-
-    def forward(self, x):
-        return self.main(x).flatten()  # (B,) logits
-
-
-def weights_init(m):
-    """Paper, section 4: all weights from N(0, 0.02); BatchNorm scale N(1, 0.02), shift 0."""
-    if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
-        nn.init.normal_(m.weight, 0.0, 0.02)
-    elif isinstance(m, nn.BatchNorm2d):
-        nn.init.normal_(m.weight, 1.0, 0.02)
-        nn.init.zeros_(m.bias)
-
-
-def clean_state_dict(state):
-    """Drop the prefixes DataParallel/DDP (module.) and torch.compile (_orig_mod.) add."""
-    out = {}
-    for k, v in state.items():
-        while k.startswith(("module.", "_orig_mod.")):
-            k = k.split(".", 1)[1]
-        out[k] = v
-    return out
-
-
-def generator_shape(state):
-    """(nz, ngf, nc, image_size) of a generator state dict."""
-    convs = sorted((k for k, v in state.items() if k.endswith(".weight") and v.dim() == 4),
-                   key=lambda k: int(k.split(".")[1]))
-    first, last = state[convs[0]], state[convs[-1]]
-    return first.shape[0], last.shape[0], last.shape[1], 2 ** (len(convs) + 1)
-
-
-# ------------------------------------------------------------------------------------------------
-# Training step (paper, algorithm 1 of Goodfellow et al. 2014, with k = 1)
-# ------------------------------------------------------------------------------------------------
-
-class Trainer:
-    """Holds G, D, their optimizers and the per-step logic. `netG`/`netD` are the plain modules
-    (what gets saved); `g`/`d` are what runs: DataParallel / DDP / compiled wrappers of them."""
-
-    def __init__(self, netG, netD, opt, device, dtype, channels_last, use_compile, world, cuda_graph=False):
-        self.netG, self.netD, self.device, self.dtype = netG, netD, device, dtype
-        self.nz = opt.nz
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        for net in (netG, netD):
-            net.to(device, memory_format=self.memory_format)
-        g, d = netG, netD
-        if world > 1:
-            # broadcast_buffers=False: D runs forward twice (real, fake) before one backward;
-            # rebroadcasting BatchNorm buffers in between modifies them in place under autograd
-            # (the known DDP + BatchNorm trap). Running statistics are not used in training.
-            ids = [device.index] if device.type == "cuda" else None
-            ddp = nn.parallel.DistributedDataParallel
-            # (newer torch names the flag forward_sync_buffers; both keep the one sync at start)
-            no_sync = {"forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp).parameters
-                       else "broadcast_buffers": False}
-            g, d = ddp(g, device_ids=ids, **no_sync), ddp(d, device_ids=ids, **no_sync)
-        elif opt.ngpu > 1:
-            g = nn.DataParallel(g, list(range(opt.ngpu)))
-            d = nn.DataParallel(d, list(range(opt.ngpu)))
-        # The G step needs D's function but not D's gradients or their all-reduce: under DDP it
-        # calls the plain D, with D's parameters frozen.
-        d_for_g = netD if world > 1 else d
-        if use_compile:
-            g, d = torch.compile(g), torch.compile(d)
-            d_for_g = d if d_for_g is not netD else torch.compile(netD)
-        self.g, self.d, self.d_for_g = g, d, d_for_g
-        # Adam with the paper's lr and beta1 (section 4). The fused kernel updates all tensors in
-        # one launch and can skip an update on the device, without a host sync (see update()).
-        betas = (opt.beta1, 0.999)
-        self.scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
-        self.world = world
-        try:
-            self.optG = torch.optim.Adam(netG.parameters(), lr=opt.lr_g or opt.lr, betas=betas, fused=True)
-            self.optD = torch.optim.Adam(netD.parameters(), lr=opt.lr_d or opt.lr, betas=betas, fused=True)
-        except RuntimeError:  # a device without a fused Adam
-            self.optG = torch.optim.Adam(netG.parameters(), lr=opt.lr_g or opt.lr, betas=betas)
-            self.optD = torch.optim.Adam(netD.parameters(), lr=opt.lr_d or opt.lr, betas=betas)
-        self.real_label = opt.real_label
-        # One CUDA graph replays the whole step (both forwards, backwards and Adam updates): at
-        # batch 128 a step is hundreds of small kernels, and launching them one by one from
-        # Python costs more than running them. Needs the sync-free path: fused Adam, no scaler.
-        self.cuda_graph = bool(cuda_graph and device.type == "cuda" and self.scaler is None
-                           and world == 1 and opt.ngpu == 1 and self.optD.defaults.get("fused"))
-        # The averaged G (--ema): a copy whose weights and BatchNorm statistics follow G's by an
-        # exponential moving average, updated inside the step (foreach ops, no host sync).
-        self.netG_ema = copy.deepcopy(netG).requires_grad_(False).eval() if opt.ema else None
-        self.ema_decay = opt.ema
-        if self.netG_ema is not None:  # the tensors the average reads and writes, fixed for the run
-            self.ema_pairs = [[x for x in net.state_dict().values() if x.is_floating_point()]
-                              for net in (self.netG_ema, netG)]
-        self.graph, self.eager_steps = None, 0
-        self.sums = torch.zeros(5, device=device)  # Loss_D, Loss_G, D(x), D(G(z)) before/after
-        self.count = 0
-        # Global step of the first non-finite loss or D output (-1: none). Kept on the device and
-        # read only at log and save time, so the loop never waits for the GPU.
-        self.bad_step = torch.tensor(-1, device=device)
-        self.step_t = torch.tensor(0, device=device)  # the global step, counted on the device
-
-    def set_capturable(self):
-        """Adam must be told it runs inside a graph; also after loading a state dict."""
-        for opt in (self.optG, self.optD):
-            for group in opt.param_groups:
-                group["capturable"] = bool(self.cuda_graph)
-
-    def autocast(self):
-        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None)
-
-    def update(self, opt, loss, finite):
-        """Backward and Adam step, skipped on the device when this or an earlier step saw a
-        non-finite value; the run then stops at the next log or save, before writing anything.
-        Under DDP the ranks first agree on `finite` (an all-reduce on the device, no host sync),
-        so a NaN on one rank makes every rank skip, and the replicas stay identical."""
-        if self.world > 1:
-            finite = finite.to(torch.int32)
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-            finite = finite.bool()
-        first = (self.bad_step < 0) & ~finite
-        self.bad_step.copy_(torch.where(first, self.step_t, self.bad_step))
-        if self.scaler is not None:  # fp16: the scaler's own inf check decides; update() once a step
-            self.scaler.scale(loss).backward()
-            if self.bad_step.item() < 0:
-                self.scaler.step(opt)
-            return
-        loss.backward()
-        if opt.defaults.get("fused"):
-            opt.found_inf = (self.bad_step >= 0).float()
-            opt.step()
-        elif self.bad_step.item() < 0:
-            opt.step()
-
-    def step(self, real_u8, noise_gen):
-        """One training iteration on a batch of uint8 images."""
-        noise = torch.randn(real_u8.shape[0], self.nz, 1, 1, device=self.device, generator=noise_gen)
-        self.count += 1
-        if self.graph is not None:  # replay the captured step on new inputs
-            self.static_real.copy_(real_u8)
-            self.static_noise.copy_(noise)
-            self.graph.replay()
-        elif not self.cuda_graph:
-            self.train_step(real_u8, noise)
-        elif self.eager_steps < 3:  # warm up on a side stream (cuDNN autotuning, Adam state)
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):
-                self.train_step(real_u8, noise)
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            self.eager_steps += 1
-        else:  # capture once; capturing does not run the step, so replay it right away
-            self.static_real, self.static_noise = real_u8.clone(), noise.clone()
-            self.set_capturable()
-            self.graph = torch.cuda.CUDAGraph()
-            # thread_local: the DataLoader's pin-memory thread may use CUDA while this one captures
-            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
-                self.train_step(self.static_real, self.static_noise)
-            self.graph.replay()
-
-    def train_step(self, real_u8, noise):
-        real = real_u8.float().div_(127.5).sub_(1).contiguous(memory_format=self.memory_format)
-        b = real.shape[0]
-        ones = torch.ones(b, device=self.device)
-        zeros = torch.zeros(b, device=self.device)
-        # D's target for real images: 1, or less with one-sided label smoothing (Salimans et al. 2016,
-        # section 3.4); the fakes' target stays 0, and G's stays 1
-        real_targets = torch.full((b,), self.real_label, device=self.device)
-
-        ############################
-        # (1) Update D: maximize log(D(x)) + log(1 - D(G(z)))
-        ############################
-        self.optD.zero_grad(set_to_none=True)
-        with self.autocast():
-            fake = self.g(noise)
-            # Real and fake go through D as separate batches, so each BatchNorm sees one kind of
-            # image (pytorch/examples does the same). fake is detached: this step trains D only.
-            out_real = self.d(real)
-            out_fake = self.d(fake.detach())
-        loss_d = (F.binary_cross_entropy_with_logits(out_real.float(), real_targets)
-                  + F.binary_cross_entropy_with_logits(out_fake.float(), zeros))
-        finite_d = torch.isfinite(loss_d) & torch.isfinite(out_real).all() & torch.isfinite(out_fake).all()
-        self.update(self.optD, loss_d, finite_d)
-
-        ############################
-        # (2) Update G: maximize log(D(G(z))), the non-saturating loss (Goodfellow et al. 2014,
-        # section 3): log(1 - D(G(z))) has vanishing gradients early, when D rejects every fake.
-        # The fake batch is reused through the updated D. D's parameters need no gradients here.
-        ############################
-        self.optG.zero_grad(set_to_none=True)
-        self.netD.requires_grad_(False)
-        with self.autocast():
-            out_g = self.d_for_g(fake)
-        loss_g = F.binary_cross_entropy_with_logits(out_g.float(), ones)  # fake labels are real for G
-        finite_g = torch.isfinite(loss_g) & torch.isfinite(out_g).all()
-        self.update(self.optG, loss_g, finite_g)
-        self.netD.requires_grad_(True)
-        if self.scaler is not None and self.bad_step.item() < 0:
-            self.scaler.update()  # one scale update per iteration, after both optimizer steps
-        if self.netG_ema is not None:
-            self.update_ema()
-        self.step_t += 1
-
-        with torch.no_grad():
-            self.sums += torch.stack([loss_d, loss_g, torch.sigmoid(out_real.float()).mean(),
-                                      torch.sigmoid(out_fake.float()).mean(), torch.sigmoid(out_g.float()).mean()])
-
-    @torch.no_grad()
-    def update_ema(self):
-        """ema = d * ema + (1 - d) * G for weights and BatchNorm statistics, with the decay warmed
-        up as d = min(DECAY, (1 + t) / (10 + t)) at step t: a plain 0.999 average over a short run
-        would stay close to the random initial weights."""
-        t = self.step_t.float()
-        d = torch.clamp((1 + t) / (10 + t), max=self.ema_decay)
-        ema, own = self.ema_pairs
-        torch._foreach_mul_(ema, d)
-        torch._foreach_add_(ema, torch._foreach_mul(own, 1 - d))
-
-    def read_stats(self):
-        """Means since the last call, as floats: the one host sync, at log time."""
-        values = (self.sums / max(self.count, 1)).tolist()
-        self.sums.zero_()
-        self.count = 0
-        return values
-
-    @torch.no_grad()
-    def sample(self, noise, batch_stats=False):
-        """Images from fixed noise, by the averaged G when there is one."""
-        with self.autocast():
-            return sample(self.netG_ema or self.netG, noise, batch_stats).float()
-
-
-@torch.no_grad()
-def sample(netG, z, batch_stats=False):
-    """G(z) for viewing. By default BatchNorm uses its running statistics (eval mode), so each image
-    depends on its own z alone and one image comes out as in a batch; with batch_stats, on the
-    statistics of this batch, as in training. Either way G's own statistics are left untouched."""
-    was_training = netG.training
-    net = copy.deepcopy(netG).train() if batch_stats else netG.eval()
-    images = net(z)
-    netG.train(was_training)
-    return images
-
-
-def slerp(z0, z1, t):
-    """Spherical interpolation between latent vectors (paper, section 6.1: walking the latent
-    space). Gaussian z of high dimension lie near a sphere; a straight line between two of them
-    passes through the low-norm middle that G never saw in training, the arc does not."""
-    a, b = z0.flatten(1), z1.flatten(1)
-    omega = torch.arccos((F.normalize(a, dim=1) * F.normalize(b, dim=1)).sum(1).clamp(-1, 1)).unsqueeze(1)
-    so = torch.sin(omega)
-    mix = torch.where(so > 1e-6, (torch.sin((1 - t) * omega) * a + torch.sin(t * omega) * b) / so.clamp(min=1e-6),
-                      (1 - t) * a + t * b)  # (nearly) parallel: the line is the arc
-    return mix.view_as(z0)
-
-
-# ------------------------------------------------------------------------------------------------
-# Checkpoints, samples and logs. Every file is written atomically: a crash leaves the old or the
-# new file, whole, never a torn one.
+# Checkpoints and files. Every file is written atomically: a crash leaves the old or the new
+# file, whole, never a torn one.
 # ------------------------------------------------------------------------------------------------
 
 def temporary_name(path):
@@ -1005,6 +625,17 @@ def clean_stale_temporaries(folder):
             pass
 
 
+def prepare_outf(outf):
+    try:
+        os.makedirs(outf, exist_ok=True)
+        probe = os.path.join(outf, f".write-test-{os.getpid()}")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise Fail(EXIT_OUTPUT, f"--outf {outf} cannot be written ({e.strerror or e}); choose another folder")
+
+
 def load_file(path, what):
     """torch.load with the safe loader only: a file that would run code is refused, never run.
     torch writes its files as zip archives with a CRC32 per record, so damage is found here."""
@@ -1032,6 +663,24 @@ def load_file(path, what):
         raise Fail(EXIT_FILE, f"{what} {path} cannot be loaded: {reason}")
 
 
+def clean_state_dict(state):
+    """Drop the prefixes DataParallel/DDP (module.) and torch.compile (_orig_mod.) add."""
+    out = {}
+    for k, v in state.items():
+        while k.startswith(("module.", "_orig_mod.")):
+            k = k.split(".", 1)[1]
+        out[k] = v
+    return out
+
+
+def generator_shape(state):
+    """(nz, ngf, nc, image_size) of a generator state dict."""
+    convs = sorted((k for k, v in state.items() if k.endswith(".weight") and v.dim() == 4),
+                   key=lambda k: int(k.split(".")[1]))
+    first, last = state[convs[0]], state[convs[-1]]
+    return first.shape[0], last.shape[0], last.shape[1], 2 ** (len(convs) + 1)
+
+
 def load_weights(net, path, what, state=None):
     """A state dict from --netG / --netD (pytorch/examples' files included), or the matching part
     of a checkpoint, into `net`; one line when it does not fit."""
@@ -1051,6 +700,20 @@ def load_weights(net, path, what, state=None):
         raise Fail(EXIT_FILE, f"{what} {path} does not fit the model built from the flags: {k} is {saved} "
                               f"in the file, {wanted} here; check --nz --ngf --ndf --imageSize and the data set")
     net.load_state_dict(state)
+
+
+def load_generator(opt):
+    """The generator of --netG (weights or a checkpoint), its shape read from the file."""
+    state = load_file(opt.netG, "--netG")
+    if isinstance(state, dict) and "netG" in state and "format" in state:
+        state = state.get("netG_ema", state["netG"])  # a checkpoint: its averaged G when it has one
+    try:
+        nz, ngf, nc, size = generator_shape(clean_state_dict(state))
+        netG = Generator(nz, ngf, nc, size)
+    except Exception:
+        raise Fail(EXIT_FILE, f"--netG {opt.netG} is not a generator state dict")
+    load_weights(netG, opt.netG, "--netG", state)
+    return netG.eval()
 
 
 ARCHITECTURE = ("nz", "ngf", "ndf", "nc", "imageSize", "batchSize", "manualSeed")
@@ -1155,40 +818,6 @@ def save_grid(images, path):
     atomic_write(path, lambda f: vutils.save_image(images, f, format="png", normalize=True, value_range=(-1, 1)))
 
 
-# ------------------------------------------------------------------------------------------------
-# Main
-# ------------------------------------------------------------------------------------------------
-
-def hms(seconds):
-    seconds = int(max(seconds, 0))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
-def prepare_outf(outf):
-    try:
-        os.makedirs(outf, exist_ok=True)
-        probe = os.path.join(outf, f".write-test-{os.getpid()}")
-        with open(probe, "w"):
-            pass
-        os.remove(probe)
-    except OSError as e:
-        raise Fail(EXIT_OUTPUT, f"--outf {outf} cannot be written ({e.strerror or e}); choose another folder")
-
-
-def load_generator(opt):
-    """The generator of --netG (weights or a checkpoint), its shape read from the file."""
-    state = load_file(opt.netG, "--netG")
-    if isinstance(state, dict) and "netG" in state and "format" in state:
-        state = state.get("netG_ema", state["netG"])  # a checkpoint: its averaged G when it has one
-    try:
-        nz, ngf, nc, size = generator_shape(clean_state_dict(state))
-        netG = Generator(nz, ngf, nc, size)
-    except Exception:
-        raise Fail(EXIT_FILE, f"--netG {opt.netG} is not a generator state dict")
-    load_weights(netG, opt.netG, "--netG", state)
-    return netG.eval()
-
-
 def to_pixels(images):
     """[-1, 1] floats to uint8, rounded as torchvision's save_image rounds."""
     return images.add(1).mul(127.5).add(0.5).clamp(0, 255).to(torch.uint8)
@@ -1222,59 +851,301 @@ def write_png_folder(folder, batches):
     return torch.stack(grid).float() / 127.5 - 1
 
 
-def generate(opt, device):
-    """--generate N: N separate PNGs (what FID tools read) and one grid, from --netG."""
-    netG = load_generator(opt).to(device)
-    g = torch.Generator(device).manual_seed(opt.manualSeed)
-    nz = netG.main[0].in_channels
+# ------------------------------------------------------------------------------------------------
+# Devices and processes: one process, or one per GPU (or CPU) under torchrun
+# ------------------------------------------------------------------------------------------------
 
-    def batches():
+def pick_device(opt, local_rank=0):
+    """--cuda / --accel / --device name one; otherwise the best present: CUDA, MPS, XPU, CPU."""
+    if opt.cuda or opt.device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise Fail(EXIT_DEVICE, "--cuda was given but this torch sees no CUDA GPU; drop --cuda to run on the CPU")
+        if opt.device.startswith("cuda:"):
+            return torch.device(opt.device)
+        return torch.device("cuda", local_rank)
+    if opt.device:
+        try:
+            device = torch.device(opt.device)
+            torch.empty(1, device=device)
+        except (RuntimeError, AssertionError) as e:
+            raise Fail(EXIT_DEVICE, f"--device {opt.device} is not usable here ({str(e).splitlines()[0]})")
+        return device
+    if opt.accel:
+        if torch.accelerator.is_available():
+            return torch.device(torch.accelerator.current_accelerator().type, local_rank)
+        # as pytorch/examples does: no accelerator is not an error, the CPU runs it
+        print("warning: --accel was given but no accelerator is present; running on the CPU", file=sys.stderr)
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank)
+    for kind in ("mps", "xpu"):
+        backend = getattr(torch, kind, None) if kind == "xpu" else getattr(torch.backends, kind, None)
+        if backend is not None and backend.is_available():
+            return torch.device(kind)
+    return torch.device("cpu")
+
+
+class Ranks:
+    """Who this process is under torchrun, and the few collectives a run needs besides DDP's
+    gradient all-reduce: agreeing on errors, on stopping and on saving, and gathering each rank's
+    RNG state. They run over a gloo group on the CPU, so none of them waits for the GPU. With one
+    process every method is local and free."""
+
+    def __init__(self, rank=0, world=1, local_rank=0, local_world=1, group=None):
+        self.rank, self.world, self.local_rank, self.local_world = rank, world, local_rank, local_world
+        self.main, self.group, self.pending = rank == 0, group, None
+
+    def gather(self, obj):
+        """[obj of rank 0, obj of rank 1, ...] on every rank."""
+        if self.world == 1:
+            return [obj]
+        out = [None] * self.world
+        dist.all_gather_object(out, obj, group=self.group)
+        return out
+
+    def agree(self, error=None):
+        """Every rank calls this at the same point. If any rank hit a Fail, every rank raises the
+        first one (rank 0 prints it), so no rank is left waiting in a collective or dies with a
+        traceback of its own."""
+        if self.world == 1:
+            if error is not None:
+                raise error
+            return
+        errors = [e for e in self.gather(None if error is None else (error.code, str(error))) if e]
+        if errors:
+            raise Fail(*errors[0], quiet=not self.main)
+
+    def run(self, fn, *args):
+        """fn(*args) on this rank, then agree: its Fail, or any other rank's, ends every rank."""
+        try:
+            result, error = fn(*args), None
+        except Fail as e:
+            result, error = None, e
+        self.agree(error)
+        return result
+
+    def local_first(self, fn):
+        """fn() on each node's local rank 0 (a download, the decode into the cache), then on the
+        other ranks of the node, which find its result on disk."""
+        first = self.run(fn if self.local_rank == 0 else (lambda: None))
+        later = self.run(fn if self.local_rank != 0 else (lambda: None))
+        return first if self.local_rank == 0 else later
+
+    def flags(self, local):
+        """The element-wise max over the ranks of small integer flags (a signal, a save due),
+        one step late: the all-reduce posted now is read at the next call, so the step never waits
+        for it, and every rank sees the same values at the same step."""
+        if self.world == 1:
+            return local
+        posted = torch.tensor(local, dtype=torch.int64)
+        previous, self.pending = self.pending, (posted, dist.all_reduce(
+            posted, op=dist.ReduceOp.MAX, group=self.group, async_op=True))
+        if previous is None:
+            return [0] * len(local)
+        previous[1].wait()
+        return previous[0].tolist()
+
+    def close(self):
+        if self.pending is not None:
+            self.pending[1].wait()
+            self.pending = None
+
+
+def setup_distributed(opt):
+    """Under torchrun (WORLD_SIZE > 1) one DDP process per GPU (or CPU process); else one process."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world == 1:
+        device = pick_device(opt)
+        if opt.ngpu > 1:
+            present = torch.cuda.device_count() if device.type == "cuda" else 0
+            if opt.ngpu > present:
+                raise Fail(EXIT_DEVICE, f"--ngpu {opt.ngpu} asks for more GPUs than the {present} CUDA GPUs present")
+        return device, Ranks()
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0))
+    # CPU tensors go through gloo, CUDA tensors through NCCL. The control group (Ranks) is gloo on
+    # the CPU, with a timeout long enough for one node to decode CelebA while the others wait.
+    dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
+    ranks = Ranks(rank, world, local_rank, int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
+                  dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=4)))
+
+    def device_of_this_rank():
+        if opt.ngpu > 1:
+            raise Fail(EXIT_USAGE, "--ngpu is for a single process; under torchrun use --nproc_per_node instead")
+        device = pick_device(opt, local_rank)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        return device
+    return ranks.run(device_of_this_rank), ranks
+
+
+# ------------------------------------------------------------------------------------------------
+# The speed of a step: precision, memory format, compile, CUDA graphs, and G and D wrapped for
+# several GPUs. None of it changes what a step computes, only how fast.
+# ------------------------------------------------------------------------------------------------
+
+def speed_settings(opt, device, world):
+    """Every speed decision in one place; explicit flags win, the defaults follow what was measured
+    (README, Performance). Precision: fp32 (TF32 matmuls on CUDA); bf16 was 1.4x faster on an H100
+    but learned measurably worse on the synthetic faces (3 seeds of 3), so it is opt-in.
+    channels_last: on for CUDA and for fp32 on CPU, off for bf16 on CPU, where the two together
+    were reported about 8x slower. CUDA graphs: with one CUDA GPU in one process, and not with
+    fp16, whose gradient scaler syncs with the host."""
+    amp = "off" if opt.amp == "auto" else opt.amp
+    if amp == "fp16" and device.type != "cuda":
+        raise Fail(EXIT_USAGE, "--amp fp16 needs a CUDA GPU; use --amp bf16 or --amp off")
+    dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+    channels_last = opt.channels_last
+    if channels_last is None:  # (compiled channels-last convolution backward failed on torch 2.11)
+        channels_last = (device.type == "cuda" and not opt.compile) or (device.type == "cpu" and dtype is None)
+    cuda_graph = (opt.cuda_graphs is not False and device.type == "cuda" and dtype != torch.float16
+                  and world == 1 and opt.ngpu == 1)
+    return argparse.Namespace(dtype=dtype, channels_last=channels_last, compile=bool(opt.compile), cuda_graph=cuda_graph)
+
+
+def wrap_for_devices(netG, netD, opt, device, world, use_compile):
+    """(g, d, d_for_g): what runs G and D, with DDP under torchrun, DataParallel for --ngpu and
+    torch.compile on top. The G step needs D's function but not D's gradients or their all-reduce:
+    under DDP it calls the plain D, with D's parameters frozen."""
+    g, d = netG, netD
+    if world > 1:
+        # No buffer sync per forward: D runs forward twice (real, fake) before one backward, and
+        # rebroadcasting BatchNorm buffers in between modifies them in place under autograd (the
+        # known DDP + BatchNorm trap). Running statistics are not used in training. (Newer torch
+        # names the flag forward_sync_buffers; both keep the one sync at the start.)
+        ddp = nn.parallel.DistributedDataParallel
+        no_sync = {"forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp).parameters
+                   else "broadcast_buffers": False}
+        ids = [device.index] if device.type == "cuda" else None
+        g, d = ddp(g, device_ids=ids, **no_sync), ddp(d, device_ids=ids, **no_sync)
+    elif opt.ngpu > 1:
+        g, d = nn.DataParallel(g, list(range(opt.ngpu))), nn.DataParallel(d, list(range(opt.ngpu)))
+    d_for_g = netD if world > 1 else d
+    if use_compile:
+        g, d = torch.compile(g), torch.compile(d)
+        d_for_g = d if d_for_g is not netD else torch.compile(netD)
+    return g, d, d_for_g
+
+
+class Trainer:
+    """G, D, their optimizers, and train_step run on this device: eagerly, or captured once and
+    replayed as one CUDA graph. `netG`/`netD` are the plain modules (what gets saved); `g`/`d` are
+    what runs. Also the averaged G (--ema) and the step's statistics, both kept on the device."""
+
+    def __init__(self, netG, netD, opt, device, speed, world):
+        self.netG, self.netD, self.device, self.dtype, self.world = netG, netD, device, speed.dtype, world
+        self.nz, self.real_label = opt.nz, opt.real_label
+        self.memory_format = torch.channels_last if speed.channels_last else torch.contiguous_format
+        for net in (netG, netD):
+            net.to(device, memory_format=self.memory_format)
+        self.g, self.d, self.d_for_g = wrap_for_devices(netG, netD, opt, device, world, speed.compile)
+        self.optG = adam(netG.parameters(), opt.lr_g or opt.lr, opt.beta1)
+        self.optD = adam(netD.parameters(), opt.lr_d or opt.lr, opt.beta1)
+        self.scaler = torch.amp.GradScaler(device.type) if speed.dtype == torch.float16 else None
+        # One CUDA graph replays the whole step (both forwards, backwards and Adam updates): at
+        # batch 128 a step is hundreds of small kernels, and launching them one by one from
+        # Python costs more than running them. Needs the sync-free path: fused Adam, no scaler.
+        self.cuda_graph = speed.cuda_graph and self.optD.defaults.get("fused")
+        self.graph, self.eager_steps = None, 0
+        self.netG_ema = copy.deepcopy(netG).requires_grad_(False).eval() if opt.ema else None
+        self.ema_decay = opt.ema
+        if self.netG_ema is not None:  # the tensors the average reads and writes, fixed for the run
+            self.ema_pairs = [[x for x in net.state_dict().values() if x.is_floating_point()]
+                              for net in (self.netG_ema, netG)]
+        self.sums, self.count = torch.zeros(5, device=device), 0  # the means of train_step's values
+        # Global step of the first non-finite loss or D output (-1: none). Kept on the device and
+        # read only at log and save time, so the loop never waits for the GPU.
+        self.bad_step = torch.tensor(-1, device=device)
+        self.step_t = torch.tensor(0, device=device)  # the global step, counted on the device
+
+    def set_capturable(self):
+        """Adam must be told it runs inside a graph; also after loading a state dict."""
+        for opt in (self.optG, self.optD):
+            for group in opt.param_groups:
+                group["capturable"] = bool(self.cuda_graph)
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None)
+
+    def update(self, opt, loss, finite):
+        """Backward and Adam step, skipped on the device when this or an earlier step saw a
+        non-finite value; the run then stops at the next log or save, before writing anything.
+        Under DDP the ranks first agree on `finite` (an all-reduce on the device, no host sync),
+        so a NaN on one rank makes every rank skip, and the replicas stay identical."""
+        if self.world > 1:
+            finite = finite.to(torch.int32)
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+            finite = finite.bool()
+        first = (self.bad_step < 0) & ~finite
+        self.bad_step.copy_(torch.where(first, self.step_t, self.bad_step))
+        if self.scaler is not None:  # fp16: the scaler's own inf check decides; update() once a step
+            self.scaler.scale(loss).backward()
+            if self.bad_step.item() < 0:
+                self.scaler.step(opt)
+            return
+        loss.backward()
+        if opt.defaults.get("fused"):
+            opt.found_inf = (self.bad_step >= 0).float()
+            opt.step()
+        elif self.bad_step.item() < 0:
+            opt.step()
+
+    def step(self, real_u8, noise_gen):
+        """One training iteration on a batch of uint8 images, with this rank's noise."""
+        noise = torch.randn(real_u8.shape[0], self.nz, 1, 1, device=self.device, generator=noise_gen)
+        self.count += 1
+        if self.graph is not None:  # replay the captured step on new inputs
+            self.static_real.copy_(real_u8)
+            self.static_noise.copy_(noise)
+            self.graph.replay()
+        elif not self.cuda_graph:
+            self.iteration(real_u8, noise)
+        elif self.eager_steps < 3:  # warm up on a side stream (cuDNN autotuning, Adam state)
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                self.iteration(real_u8, noise)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            self.eager_steps += 1
+        else:  # capture once; capturing does not run the step, so replay it right away
+            self.static_real, self.static_noise = real_u8.clone(), noise.clone()
+            self.set_capturable()
+            self.graph = torch.cuda.CUDAGraph()
+            # thread_local: the DataLoader's pin-memory thread may use CUDA while this one captures
+            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+                self.iteration(self.static_real, self.static_noise)
+            self.graph.replay()
+
+    def iteration(self, real_u8, noise):
+        """train_step and what follows it on the device, all of it inside the graph when there is one."""
+        values = train_step(self, real_u8, noise)
+        if self.scaler is not None and self.bad_step.item() < 0:
+            self.scaler.update()  # one scale update per iteration, after both optimizer steps
+        if self.netG_ema is not None:
+            update_average(*self.ema_pairs, self.step_t, self.ema_decay)
+        self.step_t += 1
         with torch.no_grad():
-            for start in range(0, opt.generate, 256):
-                z = torch.randn(min(256, opt.generate - start), nz, 1, 1, device=device, generator=g)
-                yield to_pixels(sample(netG, z, opt.sample_bn == "batch").float().cpu())
-    folder = os.path.join(opt.outf, "generated")
-    grid = write_png_folder(folder, batches())
-    save_grid(grid, os.path.join(opt.outf, "generated_grid.png"))
-    print(f"wrote {opt.generate} images of {grid.shape[-1]}x{grid.shape[-1]} to {folder}/ and a grid to "
-          f"{os.path.join(opt.outf, 'generated_grid.png')}")
-    return 0
+            self.sums += torch.stack(values)
+
+    def read_stats(self):
+        """Means since the last call, as floats: the one host sync, at log time."""
+        values = (self.sums / max(self.count, 1)).tolist()
+        self.sums.zero_()
+        self.count = 0
+        return values
+
+    def sample(self, noise, batch_stats=False):
+        """Images from fixed noise, by the averaged G when there is one."""
+        with self.autocast():
+            return sample(self.netG_ema or self.netG, noise, batch_stats).float()
 
 
-def interpolate(opt, device, steps=10):
-    """--interpolate N: N rows of `steps` images, each row G along the arc between two random z."""
-    netG = load_generator(opt).to(device)
-    g = torch.Generator(device).manual_seed(opt.manualSeed)
-    nz = netG.main[0].in_channels
-    ends = torch.randn(2, opt.interpolate, nz, 1, 1, device=device, generator=g)
-    t = torch.linspace(0, 1, steps, device=device).repeat(opt.interpolate).unsqueeze(1)
-    z = slerp(ends[0].repeat_interleave(steps, 0), ends[1].repeat_interleave(steps, 0), t)  # row after row
-    images = sample(netG, z, opt.sample_bn == "batch").float().cpu()  # (N * steps, nc, S, S)
-    prepare_outf(opt.outf)
-    path = os.path.join(opt.outf, "interpolation.png")
-    atomic_write(path, lambda f: vutils.save_image(images, f, format="png", nrow=steps, normalize=True, value_range=(-1, 1)))
-    print(f"wrote {opt.interpolate} latent walks of {steps} steps to {path}")
-    return 0
+# ------------------------------------------------------------------------------------------------
+# The run: set up, resume, then the loop (a step, maybe a log line, maybe a save, maybe a stop)
+# ------------------------------------------------------------------------------------------------
 
-
-def export_real(opt):
-    """--export-real N: N training images as PNGs, exactly as the networks see them (same crop and
-    resize), a seeded random sample: the real side of an FID that compares like with like."""
-    dataset, nc, _ = build_dataset(opt, Ranks())
-    n = min(opt.export_real, len(dataset))
-    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(opt.manualSeed))[:n].tolist()
-
-    def batches():
-        if isinstance(dataset, torch.Tensor):
-            for i in range(0, n, 256):
-                yield dataset[order[i:i + 256]]
-        else:
-            loader = torch.utils.data.DataLoader(dataset, batch_size=256, sampler=order, num_workers=opt.workers)
-            yield from loader
-    folder = os.path.join(opt.outf, "real")
-    write_png_folder(folder, batches())
-    print(f"wrote {n} training images of {opt.imageSize}x{opt.imageSize} to {folder}/")
-    return 0
+def hms(seconds):
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 def check_outf(opt, resume_path):
@@ -1299,7 +1170,7 @@ class Run:
         self.opt, self.device, self.ranks = opt, device, ranks
         self.log = print if ranks.main else (lambda *a, **k: None)
         self.warn = (lambda m: print(f"warning: {m}", file=sys.stderr)) if ranks.local_rank == 0 else (lambda m: None)
-        self.speed = choose_speed_settings(opt, device)
+        self.speed = speed_settings(opt, device, ranks.world)
         self.ckpt_path = os.path.join(opt.outf, "checkpoint.pt")
         self.resume_path = (opt.resume or self.ckpt_path) if opt.resume is not None else None
         if ranks.main:
@@ -1337,32 +1208,16 @@ class Run:
 
     def start(self):
         """The trainer (DDP wraps the networks here), the state of a resumed run, the first files."""
-        opt, ckpt, ranks = self.opt, self.ckpt, self.ranks
-        dtype, channels_last, use_compile, cuda_graph = self.speed
-        if ckpt is not None:
-            self.netG.load_state_dict(ckpt["netG"])
-            self.netD.load_state_dict(ckpt["netD"])
-            self.fixed_noise, self.history = ckpt["fixed_noise"], ckpt["history"]
-            self.history.setdefault("warning", [""] * len(self.history["step"]))  # (older checkpoints)
-            self.epoch, self.it, self.step = ckpt["epoch"], ckpt["iter"], ckpt["step"]
-            self.last_good = self.resume_path
-        self.tr = tr = Trainer(self.netG, self.netD, opt, self.device, dtype, channels_last, use_compile, ranks.world, cuda_graph)
-        if ckpt is not None:
-            tr.optG.load_state_dict(ckpt["optG"])
-            tr.optD.load_state_dict(ckpt["optD"])
-            if tr.netG_ema is not None:  # (a run that starts averaging on resume starts from G)
-                tr.netG_ema.load_state_dict(ckpt.get("netG_ema", self.netG.state_dict()))
-            tr.set_capturable()
-            if tr.scaler and ckpt["scaler"]:
-                tr.scaler.load_state_dict(ckpt["scaler"])
-            restore_rng(ckpt, self.noise_gen, ranks.rank)
-            self.log(f"resumed from {self.resume_path} at epoch {self.epoch}, iteration {self.it} (step {self.step})")
-        self.ckpt = None  # free it
+        opt, ranks, speed = self.opt, self.ranks, self.speed
+        self.tr = Trainer(self.netG, self.netD, opt, self.device, speed, ranks.world)
+        if self.ckpt is not None:
+            self.resume(self.ckpt)
+            self.ckpt = None  # free it
         self.fixed_noise = self.fixed_noise.to(self.device)
         self.total = 1 if opt.dry_run else opt.niter * self.batches.per_epoch
         if opt.max_steps:
             self.total = min(self.total, self.step + opt.max_steps)
-        tr.step_t.fill_(self.step)
+        self.tr.step_t.fill_(self.step)
         self.on_main(self.first_files)
         real = next(Batches(self.data, min(64, len(self.data)), opt.manualSeed, 0, 1, 0, torch.device("cpu")).epoch(0, 0))
         self.real_spread = (real.float() / 127.5 - 1).std(0).mean().item()  # per-pixel spread of the data
@@ -1371,8 +1226,25 @@ class Run:
                  f"{'decoded once, in ' + str(data.device) + ' memory' if isinstance(data, torch.Tensor) else f'decoded each epoch by {opt.workers} workers'}"
                  "; "
                  f"device {self.device}, {ranks.world} process(es), global batch {opt.batchSize * ranks.world}, "
-                 f"precision {str(dtype).replace('torch.', '') if dtype else 'fp32'}, channels_last {channels_last}, "
-                 f"compile {use_compile}, CUDA graph {tr.cuda_graph}")
+                 f"precision {str(speed.dtype).replace('torch.', '') if speed.dtype else 'fp32'}, "
+                 f"channels_last {speed.channels_last}, compile {speed.compile}, CUDA graph {self.tr.cuda_graph}")
+
+    def resume(self, ckpt):
+        """Networks, optimizers, the averaged G, the scaler, this rank's RNG states, the position."""
+        tr = self.tr
+        for module, key in ((self.netG, "netG"), (self.netD, "netD"), (tr.optG, "optG"), (tr.optD, "optD")):
+            module.load_state_dict(ckpt[key])
+        if tr.netG_ema is not None:  # (a run that starts averaging on resume starts from G)
+            tr.netG_ema.load_state_dict(ckpt.get("netG_ema", self.netG.state_dict()))
+        tr.set_capturable()
+        if tr.scaler and ckpt["scaler"]:
+            tr.scaler.load_state_dict(ckpt["scaler"])
+        restore_rng(ckpt, self.noise_gen, self.ranks.rank)
+        self.fixed_noise, self.history = ckpt["fixed_noise"], ckpt["history"]
+        self.history.setdefault("warning", [""] * len(self.history["step"]))  # (older checkpoints)
+        self.epoch, self.it, self.step = ckpt["epoch"], ckpt["iter"], ckpt["step"]
+        self.last_good = self.resume_path
+        self.log(f"resumed from {self.resume_path} at epoch {self.epoch}, iteration {self.it} (step {self.step})")
 
     def first_files(self):
         """A grid of training images and a fresh losses.csv for a new run; after a resume,
@@ -1398,8 +1270,8 @@ class Run:
         SIGINT / SIGTERM (how clusters pre-empt jobs) finish the step, save and exit 128 + signal;
         under torchrun the ranks agree on it one step later, whichever rank got the signal."""
         opt, tr, per_epoch = self.opt, self.tr, self.batches.per_epoch
-        signals = []
-        handlers = {s: signal.signal(s, lambda signum, frame: signals.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+        self.signals = []
+        handlers = {s: signal.signal(s, self.on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         self.last_save = self.tick = time.monotonic()
         self.tick_step = start_step = self.step
         try:
@@ -1411,7 +1283,7 @@ class Run:
                     if self.it % opt.log_every == 0 or self.it == per_epoch or self.step == self.total:
                         self.log_progress()
                     minutes_due = bool(opt.save_minutes) and time.monotonic() - self.last_save > 60 * opt.save_minutes
-                    signum, late_save = self.ranks.flags([signals[0] if signals else 0, int(minutes_due)])
+                    signum, late_save = self.ranks.flags([self.signals[0] if self.signals else 0, int(minutes_due)])
                     if signum:
                         self.save()
                         self.log(f"stopped by signal {signum} at epoch {self.epoch}, iteration {self.it}; "
@@ -1432,6 +1304,9 @@ class Run:
             for s, h in handlers.items():
                 signal.signal(s, h)
             self.ranks.close()
+
+    def on_signal(self, signum, frame):
+        self.signals.append(signum)  # acted on after the step, once the ranks agree
 
     def log_progress(self):
         """The log line (means since the last one: the one host sync), losses.csv, and the stop
@@ -1488,39 +1363,38 @@ class Run:
                                       f"last good checkpoint: {self.last_good or 'none yet'}; try a lower --lr",
                        quiet=not self.ranks.main)
 
-    def save(self, extra=None):
-        """checkpoint.pt (and, at an epoch end, `extra` files) on rank 0; all ranks take part."""
+    def save(self, finished_epoch=None):
+        """checkpoint.pt (and, when an epoch has finished, its files) on rank 0; all ranks take part."""
         ckpt = make_checkpoint(self.tr, self.epoch, self.it, self.step, self.fixed_noise, self.config,
                                self.history, self.noise_gen, self.ranks)
         self.check_finite(ckpt)
-
-        def write():
-            if extra:
-                extra()
-            if not self.opt.dry_run:
-                atomic_save(ckpt, self.ckpt_path)
-        self.on_main(write)
+        self.on_main(self.write_files, ckpt, finished_epoch)
         self.last_good = None if self.opt.dry_run else self.ckpt_path
         self.last_save = time.monotonic()
 
+    def write_files(self, ckpt, finished_epoch):
+        """An epoch's sample grid from the fixed noise, its weights and the loss plot, then the checkpoint."""
+        opt, tr = self.opt, self.tr
+        if finished_epoch is not None:
+            save_grid(tr.sample(self.fixed_noise, opt.sample_bn == "batch"),
+                      os.path.join(opt.outf, f"fake_samples_epoch_{finished_epoch:03d}.png"))
+            nets = {"netG": tr.netG, "netG_ema": tr.netG_ema, "netD": tr.netD}
+            for name, net in nets.items():
+                if net is not None:
+                    atomic_save(net.state_dict(), os.path.join(opt.outf, f"{name}_epoch_{finished_epoch}.pth"))
+            plot_losses(opt.outf, self.history)
+        if not opt.dry_run:
+            atomic_save(ckpt, self.ckpt_path)
+
     def end_epoch(self, iterations, seconds):
-        """A sample grid from the fixed noise, the epoch's weights, the loss plot, the checkpoint."""
-        opt, epoch = self.opt, self.epoch
+        """The epoch's line, the ranks' agreement check, its files and the checkpoint."""
+        epoch = self.epoch
         self.log(f"epoch {epoch} done: {iterations} iterations in {seconds:.1f} s "
-                 f"({iterations * opt.batchSize * self.ranks.world / max(seconds, 1e-9):.0f} img/s)")
+                 f"({iterations * self.opt.batchSize * self.ranks.world / max(seconds, 1e-9):.0f} img/s)")
         self.verify_ranks()
         if self.it == self.batches.per_epoch:
             self.epoch, self.it = epoch + 1, 0
-
-        def files():
-            save_grid(self.tr.sample(self.fixed_noise, opt.sample_bn == "batch"),
-                      os.path.join(opt.outf, f"fake_samples_epoch_{epoch:03d}.png"))
-            atomic_save(self.netG.state_dict(), os.path.join(opt.outf, f"netG_epoch_{epoch}.pth"))
-            if self.tr.netG_ema is not None:
-                atomic_save(self.tr.netG_ema.state_dict(), os.path.join(opt.outf, f"netG_ema_epoch_{epoch}.pth"))
-            atomic_save(self.netD.state_dict(), os.path.join(opt.outf, f"netD_epoch_{epoch}.pth"))
-            plot_losses(opt.outf, self.history)
-        self.save(files)
+        self.save(finished_epoch=epoch)
 
     def verify_ranks(self):
         """DDP keeps the replicas identical; check it where every rank arrives (epoch end, stop)."""
@@ -1539,6 +1413,168 @@ def train(opt, device, ranks):
     run.start()
     return run.loop()
 
+
+# ------------------------------------------------------------------------------------------------
+# The command line: the flags, the commands that make images without training, main
+# ------------------------------------------------------------------------------------------------
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not argparse's usage block
+        raise Fail(EXIT_USAGE, f"{message} (see --help)")
+
+
+def build_parser():
+    p = Parser(description="Train a DCGAN (Radford et al. 2015) or generate images from a trained one.")
+    add_example_flags(p.add_argument)
+    add_own_flags(p.add_argument)
+    return p
+
+
+def add_example_flags(a):
+    """The flags of pytorch/examples dcgan/main.py, same names and meanings, so its command lines work here."""
+    a("--dataset", default="celeba",
+      choices=["celeba", "folder", "imagenet", "lfw", "cifar10", "mnist", "lsun", "fake", "synthetic"],
+      help="data set; imagenet and lfw are folder data sets, synthetic needs no download (default: %(default)s)")
+    a("--dataroot", help="path to the data set (not needed for fake and synthetic)")
+    a("--workers", type=int, default=2, help="data loading worker processes (default: %(default)s)")
+    a("--batchSize", type=int, default=128, help="batch size per process (default: %(default)s)")
+    a("--imageSize", type=int, default=64, help="image height and width: a power of two, 16 to 256 (default: %(default)s)")
+    a("--nz", type=int, default=100, help="size of the latent z vector (default: %(default)s)")
+    a("--ngf", type=int, default=64, help="generator width (default: %(default)s)")
+    a("--ndf", type=int, default=64, help="discriminator width (default: %(default)s)")
+    a("--niter", type=int, default=25, help="number of epochs to train for (default: %(default)s)")
+    a("--lr", type=float, default=0.0002, help="Adam learning rate (default: %(default)s)")
+    a("--beta1", type=float, default=0.5, help="Adam beta1 (default: %(default)s)")
+    a("--dry-run", action="store_true", help="run a single training iteration, then save and exit")
+    a("--ngpu", type=int, default=1, help="number of GPUs to use through nn.DataParallel (default: %(default)s)")
+    a("--netG", default="", help="generator weights to start from (or to --generate with)")
+    a("--netD", default="", help="discriminator weights to start from")
+    a("--outf", default="out", help="folder for samples, weights, checkpoint and logs (default: %(default)s)")
+    a("--manualSeed", type=int, default=999, help="seed for weights, data order and noise (default: %(default)s)")
+    a("--classes", default="bedroom", help="comma-separated LSUN classes (default: %(default)s)")
+    a("--accel", action="store_true", help="use the current accelerator (torch.accelerator)")
+    a("--cuda", action="store_true", help="use CUDA")
+
+
+def add_own_flags(a):
+    a("--device", default="", help="device to use, e.g. cpu, cuda, cuda:1, mps, xpu (default: best present)")
+    a("--amp", default="auto", choices=["auto", "off", "bf16", "fp16"],
+      help="mixed precision; auto is fp32, which learned best (default: %(default)s)")
+    a("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile G and D")
+    a("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
+      help="replay each training step as one CUDA graph (default: on with one CUDA GPU)")
+    a("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+      help="channels-last memory format (default: chosen per device and precision)")
+    a("--preload", action=argparse.BooleanOptionalAction, default=None,
+      help="decode the data set once into a uint8 tensor (default: when it fits in memory)")
+    a("--cache-dir", default=os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "dcgan"),
+      help="where decoded data sets are cached between runs, '' for none (default: %(default)s)")
+    a("--lr-d", type=float, default=0.0, help="D's Adam learning rate, if not --lr")
+    a("--lr-g", type=float, default=0.0, help="G's Adam learning rate, if not --lr")
+    a("--real-label", type=float, default=1.0,
+      help="D's target for real images; 0.9 is one-sided label smoothing (default: %(default)s)")
+    a("--ema", type=float, default=0.0, metavar="DECAY",
+      help="also keep an exponential moving average of G's weights with this decay (e.g. 0.999), warmed up "
+           "over the first steps; samples, --generate and netG_ema_epoch_N.pth use it (default: off)")
+    a("--sample-bn", default="eval", choices=["eval", "batch"],
+      help="BatchNorm when sampling: eval (running statistics) or batch (each batch's own statistics) (default: %(default)s)")
+    a("--log-every", type=int, default=50, help="log every N iterations (default: %(default)s)")
+    a("--save-every", type=int, default=0, help="also save the checkpoint every N iterations (0: off)")
+    a("--save-minutes", type=float, default=10.0, help="also save the checkpoint every N minutes, 0 for never (default: %(default)s)")
+    a("--max-steps", type=int, default=0, help="stop (and save) after N iterations in this run (0: no limit)")
+    a("--resume", nargs="?", const="", default=None, metavar="PATH",
+      help="continue from a checkpoint (default PATH: OUTF/checkpoint.pt)")
+    a("--generate", type=int, default=0, metavar="N",
+      help="write N images from --netG into OUTF/generated/ and exit")
+    a("--interpolate", type=int, default=0, metavar="N",
+      help="write OUTF/interpolation.png from --netG: N rows, each a walk between two random z, and exit")
+    a("--export-real", type=int, default=0, metavar="N",
+      help="write N training images, cropped and resized as G sees them, into OUTF/real/ and exit (for FID)")
+
+
+def parse_args(argv=None):
+    opt = build_parser().parse_args(argv)
+    checks = [
+        (opt.batchSize >= 1, "--batchSize must be at least 1"),
+        (opt.imageSize in (16, 32, 64, 128, 256), "--imageSize must be 16, 32, 64, 128 or 256"),
+        (opt.nz >= 1 and opt.ngf >= 1 and opt.ndf >= 1, "--nz, --ngf and --ndf must be at least 1"),
+        (opt.niter >= 1, "--niter must be at least 1"),
+        (opt.workers >= 0, "--workers must be 0 or more"),
+        (all(math.isfinite(lr) and lr > 0 for lr in (opt.lr, opt.lr_d or 1, opt.lr_g or 1)),
+         "--lr, --lr-d and --lr-g must be positive numbers"),
+        (0.5 < opt.real_label <= 1, "--real-label must be in (0.5, 1]: 1, or 0.9 for one-sided label smoothing"),
+        (0 <= opt.beta1 < 1, "--beta1 must be in [0, 1)"),
+        (0 <= opt.ema < 1, "--ema must be in [0, 1): 0 for off, or a decay such as 0.999"),
+        (opt.ngpu >= 1, "--ngpu must be at least 1"),
+        (opt.log_every >= 1, "--log-every must be at least 1"),
+        (opt.save_every >= 0 and opt.max_steps >= 0, "--save-every and --max-steps must be 0 or more"),
+        (opt.save_minutes >= 0, "--save-minutes must be 0 or more"),
+        (opt.generate >= 0 and opt.interpolate >= 0 and opt.export_real >= 0,
+         "--generate, --interpolate and --export-real must be 0 or more"),
+        (not ((opt.generate or opt.interpolate) and not opt.netG),
+         "--generate and --interpolate need --netG PATH (weights or a checkpoint)"),
+        (opt.manualSeed >= 0, "--manualSeed must be 0 or more"),
+        (not (opt.dry_run and opt.resume is not None), "--dry-run writes no checkpoint and cannot --resume one; drop one of them"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise Fail(EXIT_USAGE, message)
+    if opt.dataset in ("imagenet", "lfw"):
+        opt.dataset = "folder"
+    if opt.dataroot is None and opt.dataset not in ("fake", "synthetic") and not (opt.generate or opt.interpolate):
+        raise Fail(EXIT_USAGE, f"--dataroot is required for --dataset {opt.dataset} "
+                               "(or use --dataset synthetic, which needs no download)")
+    return opt
+
+def generate(opt, device):
+    """--generate N: N separate PNGs (what FID tools read) and one grid, from --netG."""
+    netG = load_generator(opt).to(device)
+    g = torch.Generator(device).manual_seed(opt.manualSeed)
+    nz = netG.main[0].in_channels
+
+    def batches():
+        with torch.no_grad():
+            for start in range(0, opt.generate, 256):
+                z = torch.randn(min(256, opt.generate - start), nz, 1, 1, device=device, generator=g)
+                yield to_pixels(sample(netG, z, opt.sample_bn == "batch").float().cpu())
+    folder = os.path.join(opt.outf, "generated")
+    grid = write_png_folder(folder, batches())
+    save_grid(grid, os.path.join(opt.outf, "generated_grid.png"))
+    print(f"wrote {opt.generate} images of {grid.shape[-1]}x{grid.shape[-1]} to {folder}/ and a grid to "
+          f"{os.path.join(opt.outf, 'generated_grid.png')}")
+    return 0
+
+
+def interpolate(opt, device, steps=10):
+    """--interpolate N: N rows of `steps` images, each row G along the arc between two random z."""
+    netG = load_generator(opt).to(device)
+    z = latent_walks(opt.interpolate, steps, netG.main[0].in_channels, torch.Generator(device).manual_seed(opt.manualSeed))
+    images = sample(netG, z, opt.sample_bn == "batch").float().cpu()  # (N * steps, nc, S, S)
+    prepare_outf(opt.outf)
+    path = os.path.join(opt.outf, "interpolation.png")
+    atomic_write(path, lambda f: vutils.save_image(images, f, format="png", nrow=steps, normalize=True, value_range=(-1, 1)))
+    print(f"wrote {opt.interpolate} latent walks of {steps} steps to {path}")
+    return 0
+
+
+def export_real(opt):
+    """--export-real N: N training images as PNGs, exactly as the networks see them (same crop and
+    resize), a seeded random sample: the real side of an FID that compares like with like."""
+    dataset, nc, _ = build_dataset(opt, Ranks())
+    n = min(opt.export_real, len(dataset))
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(opt.manualSeed))[:n].tolist()
+
+    def batches():
+        if isinstance(dataset, torch.Tensor):
+            for i in range(0, n, 256):
+                yield dataset[order[i:i + 256]]
+        else:
+            loader = torch.utils.data.DataLoader(dataset, batch_size=256, sampler=order, num_workers=opt.workers)
+            yield from loader
+    folder = os.path.join(opt.outf, "real")
+    write_png_folder(folder, batches())
+    print(f"wrote {n} training images of {opt.imageSize}x{opt.imageSize} to {folder}/")
+    return 0
 
 def main(argv=None):
     """Runs the command line; returns the exit code (0 on success). Errors in the user's input

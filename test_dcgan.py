@@ -1,4 +1,7 @@
-"""Tests for dcgan.py. CPU only, tiny models, a few minutes in all: python -m pytest -q"""
+"""Tests for dcgan.py, in the order of the file: the networks, one training iteration, sampling,
+data, checkpoints and files, devices and processes, the run, the command line. CPU only, tiny
+models, a few minutes in all: python -m pytest -q"""
+import argparse
 import functools
 import gzip
 import hashlib
@@ -22,6 +25,7 @@ from PIL import Image
 import dcgan
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+
 TINY = ["--imageSize", "16", "--ngf", "8", "--ndf", "8", "--batchSize", "16", "--log-every", "4"]
 
 
@@ -61,6 +65,28 @@ def make_numbered_images(folder, n, size=(24, 20)):
     return folder
 
 
+@pytest.fixture
+def image_folder(tmp_path):
+    """make(n, size=(w, h)): a folder tmp_path/imgs of n JPEGs, each one flat colour."""
+    return lambda n, size=(20, 20): make_images(tmp_path / "imgs", n, size=size)
+
+
+@pytest.fixture
+def dry_run(tmp_path):
+    """The folder of a --dry-run on synthetic faces: epoch 0's grids, weights and losses.csv, no checkpoint."""
+    out = tmp_path / "dry"
+    assert run_main(["--dataset", "synthetic", "--dry-run", "--outf", out, *TINY]) == 0
+    return out
+
+
+@pytest.fixture
+def short_run(tmp_path):
+    """The folder of a synthetic run stopped by --max-steps 2: its checkpoint.pt is mid-epoch."""
+    out = tmp_path / "run"
+    assert run_main(["--dataset", "synthetic", "--max-steps", 2, "--outf", out, *TINY]) == 0
+    return out
+
+
 def state(path):
     return torch.load(path, weights_only=True)
 
@@ -89,13 +115,28 @@ def assert_same_training_state(a, b):
     assert (a["epoch"], a["iter"], a["step"]) == (b["epoch"], b["iter"], b["step"])
 
 
+def tiny_trainer(*flags, dtype=None):
+    """(Trainer, flags) for 16x16 images, G and D of width 8 with the paper's init, seeded, on the CPU."""
+    opt = dcgan.parse_args(["--dataset", "fake", "--ngf", "8", "--ndf", "8", "--imageSize", "16", "--batchSize", "8", *flags])
+    torch.manual_seed(0)
+    G, D = dcgan.Generator(opt.nz, 8, 3, 16), dcgan.Discriminator(3, 8, 16)
+    G.apply(dcgan.weights_init)
+    D.apply(dcgan.weights_init)
+    speed = argparse.Namespace(dtype=dtype, channels_last=False, compile=False, cuda_graph=False)
+    return dcgan.Trainer(G, D, opt, torch.device("cpu"), speed, 1), opt
+
+
+def random_batch(n=8, size=16):
+    return torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8)
+
+
 # ------------------------------------------------------------------------------------------------
-# Models
+# The networks
 # ------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("size", [16, 32, 64, 128, 256])
 @pytest.mark.parametrize("nc", [1, 3])
-def test_shapes(size, nc):
+def test_g_and_d_map_z_to_images_and_images_to_one_logit_at_every_size(size, nc):
     G, D = dcgan.Generator(nz=10, ngf=4, nc=nc, image_size=size), dcgan.Discriminator(nc=nc, ndf=4, image_size=size)
     x = G(torch.randn(2, 10, 1, 1))
     assert x.shape == (2, nc, size, size)
@@ -110,7 +151,7 @@ def test_unsupported_size_is_refused():
     assert run_main(["--dataset", "synthetic", "--imageSize", "48"]) == dcgan.EXIT_USAGE
 
 
-def test_init_statistics():
+def test_weights_start_from_the_papers_normal_distributions():
     torch.manual_seed(0)
     G = dcgan.Generator()
     G.apply(dcgan.weights_init)
@@ -152,7 +193,7 @@ def examples_networks(nz=100, ngf=64, ndf=64, nc=3):
     return G(), D()
 
 
-def test_pytorch_examples_weights_load(tmp_path):
+def test_pytorch_examples_weights_load_and_compute_the_same(tmp_path):
     eg, ed = examples_networks(ngf=16, ndf=16)
     for m in (eg, ed):
         m.apply(dcgan.weights_init)
@@ -176,16 +217,15 @@ def test_pytorch_examples_weights_load(tmp_path):
                      "--outf", out, "--cache-dir", ""]) == 0
 
 
-def test_one_training_step_on_fake_data():
-    torch.manual_seed(0)
-    opt = dcgan.parse_args(["--dataset", "fake", "--ngf", "8", "--ndf", "8", "--imageSize", "16", "--batchSize", "8"])
-    G, D = dcgan.Generator(opt.nz, 8, 3, 16), dcgan.Discriminator(3, 8, 16)
-    G.apply(dcgan.weights_init)
-    D.apply(dcgan.weights_init)
+# ------------------------------------------------------------------------------------------------
+# One training iteration
+# ------------------------------------------------------------------------------------------------
+
+def test_one_training_step_on_fake_data_changes_every_weight():
+    tr, _ = tiny_trainer()
+    G, D = tr.netG, tr.netD
     before = [p.detach().clone() for p in list(G.parameters()) + list(D.parameters())]
-    tr = dcgan.Trainer(G, D, opt, torch.device("cpu"), None, False, False, 1)
-    real = torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8)
-    tr.step(real, torch.Generator().manual_seed(0))
+    tr.step(random_batch(), torch.Generator().manual_seed(0))
     loss_d, loss_g, d_x, d_g_z1, d_g_z2 = tr.read_stats()
     assert all(map(lambda v: v == v and abs(v) < 100, (loss_d, loss_g)))
     assert 0 < d_x < 1 and 0 < d_g_z1 < 1 and 0 < d_g_z2 < 1
@@ -196,29 +236,11 @@ def test_one_training_step_on_fake_data():
     assert all(p.requires_grad for p in D.parameters())
 
 
-def test_fp16_gradient_scaler_updates_once_per_iteration():
-    opt = dcgan.parse_args(["--dataset", "fake", "--ngf", "8", "--ndf", "8", "--imageSize", "16", "--batchSize", "8"])
-    torch.manual_seed(0)
-    G, D = dcgan.Generator(opt.nz, 8, 3, 16), dcgan.Discriminator(3, 8, 16)
-    tr = dcgan.Trainer(G, D, opt, torch.device("cpu"), torch.float16, False, False, 1)
-    tr.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8, growth_interval=3)
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(3):
-        tr.step(torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8), gen)
-    # three iterations without inf: exactly one growth (two updates per iteration would give two)
-    assert tr.scaler.get_scale() == 2.0 ** 9 and int(tr.scaler._growth_tracker) == 0
-
-
-def test_levers_label_smoothing_and_separate_learning_rates():
-    opt = dcgan.parse_args(["--dataset", "fake", "--ngf", "8", "--ndf", "8", "--imageSize", "16", "--batchSize", "8",
-                            "--real-label", "0.9", "--lr-d", "0.0004", "--lr-g", "0.0001"])
-    torch.manual_seed(0)
-    G, D = dcgan.Generator(opt.nz, 8, 3, 16), dcgan.Discriminator(3, 8, 16)
-    G.apply(dcgan.weights_init)
-    D.apply(dcgan.weights_init)
-    tr = dcgan.Trainer(G, D, opt, torch.device("cpu"), None, False, False, 1)
+def test_label_smoothing_and_separate_learning_rates_reach_the_step():
+    tr, opt = tiny_trainer("--real-label", "0.9", "--lr-d", "0.0004", "--lr-g", "0.0001")
+    G, D = tr.netG, tr.netD
     assert tr.optD.param_groups[0]["lr"] == 0.0004 and tr.optG.param_groups[0]["lr"] == 0.0001
-    real = torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8)
+    real = random_batch()
     gen = torch.Generator().manual_seed(0)
     z = torch.randn(8, opt.nz, 1, 1, generator=torch.Generator().manual_seed(0))  # what the step draws
     D_before = {k: v.clone() for k, v in D.state_dict().items()}
@@ -232,23 +254,19 @@ def test_levers_label_smoothing_and_separate_learning_rates():
     assert abs(tr.read_stats()[0] - expected.item()) < 1e-5  # D's real target is 0.9
 
 
-def test_averaged_generator_follows_g_with_a_warm_up():
-    opt = dcgan.parse_args(["--dataset", "fake", "--ngf", "8", "--ndf", "8", "--imageSize", "16", "--batchSize", "8",
-                            "--ema", "0.9"])
-    torch.manual_seed(0)
-    G, D = dcgan.Generator(opt.nz, 8, 3, 16), dcgan.Discriminator(3, 8, 16)
-    tr = dcgan.Trainer(G, D, opt, torch.device("cpu"), None, False, False, 1)
+def test_fp16_gradient_scaler_updates_once_per_iteration():
+    tr, _ = tiny_trainer(dtype=torch.float16)
+    tr.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8, growth_interval=3)
     gen = torch.Generator().manual_seed(0)
-    floats = lambda net: {k: v.clone() for k, v in net.state_dict().items() if v.is_floating_point()}  # noqa: E731
-    for t in range(40):
-        ema_before = floats(tr.netG_ema)
-        tr.step(torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8), gen)
-        d = min(0.9, (1 + t) / (10 + t))  # 0.1 at the first step: the average is mostly G at once
-        for k, v in floats(tr.netG_ema).items():  # weights and BatchNorm statistics alike
-            assert torch.allclose(v, d * ema_before[k] + (1 - d) * G.state_dict()[k], atol=1e-6), (t, k)
-    assert not any(p.requires_grad for p in tr.netG_ema.parameters())
-    assert not torch.equal(tr.netG_ema.main[0].weight, G.main[0].weight)
+    for _ in range(3):
+        tr.step(random_batch(), gen)
+    # three iterations without inf: exactly one growth (two updates per iteration would give two)
+    assert tr.scaler.get_scale() == 2.0 ** 9 and int(tr.scaler._growth_tracker) == 0
 
+
+# ------------------------------------------------------------------------------------------------
+# Sampling
+# ------------------------------------------------------------------------------------------------
 
 def test_sampling_with_batch_statistics_leaves_g_untouched():
     torch.manual_seed(0)
@@ -261,6 +279,33 @@ def test_sampling_with_batch_statistics_leaves_g_untouched():
     assert not torch.allclose(by_batch, by_running)
     assert torch.allclose(dcgan.sample(G, z[:1]), by_running[:1], atol=1e-6)  # eval: one image as in a batch
     assert all(torch.equal(v, before[k]) for k, v in G.state_dict().items()) and G.training
+
+
+def test_averaged_generator_follows_g_with_a_warm_up():
+    tr, _ = tiny_trainer("--ema", "0.9")
+    G = tr.netG
+    gen = torch.Generator().manual_seed(0)
+    floats = lambda net: {k: v.clone() for k, v in net.state_dict().items() if v.is_floating_point()}  # noqa: E731
+    for t in range(40):
+        ema_before = floats(tr.netG_ema)
+        tr.step(random_batch(), gen)
+        d = min(0.9, (1 + t) / (10 + t))  # 0.1 at the first step: the average is mostly G at once
+        for k, v in floats(tr.netG_ema).items():  # weights and BatchNorm statistics alike
+            assert torch.allclose(v, d * ema_before[k] + (1 - d) * G.state_dict()[k], atol=1e-6), (t, k)
+    assert not any(p.requires_grad for p in tr.netG_ema.parameters())
+    assert not torch.equal(tr.netG_ema.main[0].weight, G.main[0].weight)
+
+
+def test_slerp_walks_the_arc():
+    g = torch.Generator().manual_seed(0)
+    z0, z1 = torch.randn(4, 100, 1, 1, generator=g), torch.randn(4, 100, 1, 1, generator=g)
+    assert torch.allclose(dcgan.slerp(z0, z1, torch.zeros(4, 1)), z0, atol=1e-5)
+    assert torch.allclose(dcgan.slerp(z0, z1, torch.ones(4, 1)), z1, atol=1e-5)
+    mid = dcgan.slerp(z0, z1, torch.full((4, 1), 0.5))
+    # the norm stays that of the ends (about 10 for 100-d Gaussians); the straight line's midpoint is ~7
+    assert (mid.flatten(1).norm(dim=1) > 0.95 * torch.minimum(z0.flatten(1).norm(dim=1), z1.flatten(1).norm(dim=1))).all()
+    assert (((z0 + z1) / 2).flatten(1).norm(dim=1) < 0.9 * mid.flatten(1).norm(dim=1)).all()
+    assert torch.allclose(dcgan.slerp(z0, z0, torch.full((4, 1), 0.3)), z0, atol=1e-5)  # same ends
 
 
 # ------------------------------------------------------------------------------------------------
@@ -326,7 +371,7 @@ def test_16_bit_images_are_scaled_not_clipped(tmp_path):
 
 
 @pytest.mark.parametrize("nested", [False, True])
-def test_folder_flat_and_nested(tmp_path, nested):
+def test_folder_data_sets_may_be_flat_or_nested(tmp_path, nested):
     for c in ("a", "b") if nested else ("",):
         make_images(tmp_path / c, 6 if nested else 12, size=(40, 30), ext="png")
     batch, nc = first_batch(["--dataset", "folder", "--dataroot", str(tmp_path), "--imageSize", "16", "--batchSize", "8"])
@@ -334,7 +379,7 @@ def test_folder_flat_and_nested(tmp_path, nested):
 
 
 @pytest.mark.parametrize("kind", ["fake", "synthetic"])
-def test_builtin_data_sets(kind):
+def test_fake_and_synthetic_data_need_no_files(kind):
     batch, nc = first_batch(["--dataset", kind, "--imageSize", "32", "--batchSize", "8"])
     assert batch.shape == (8, 3, 32, 32) and batch.dtype == torch.uint8
     assert batch.float().std() > 10  # not blank
@@ -369,8 +414,8 @@ def test_odd_images_decode_and_bad_ones_are_skipped(tmp_path, capsys):
     assert decoded.shape[1:] == (3, 16, 16) and len(decoded) >= 206
 
 
-def test_too_many_bad_images_stop_the_run(tmp_path, capsys):
-    d = make_images(tmp_path / "imgs", 20, size=(20, 20))
+def test_too_many_bad_images_stop_the_run(tmp_path, capsys, image_folder):
+    d = image_folder(20)
     for i in range(5):
         (d / f"bad{i}.jpg").write_bytes(b"garbage")
     code = run_main(["--dataset", "folder", "--dataroot", d, "--outf", tmp_path / "out", "--cache-dir", "", *TINY])
@@ -378,8 +423,8 @@ def test_too_many_bad_images_stop_the_run(tmp_path, capsys):
     assert code == dcgan.EXIT_DATA and "could not be read" in err and "bad0.jpg" in err
 
 
-def test_decoded_data_set_is_cached_and_invalidated(tmp_path, capsys):
-    d = make_images(tmp_path / "imgs", 40, size=(20, 20))
+def test_decoded_data_set_is_cached_and_redone_when_the_folder_changes(tmp_path, capsys, image_folder):
+    d = image_folder(40)
     cache = tmp_path / "cache"
     args = ["--dataset", "folder", "--dataroot", d, "--cache-dir", cache, "--dry-run", *TINY]
     assert run_main(args + ["--outf", tmp_path / "a"]) == 0
@@ -416,8 +461,8 @@ def test_decode_goes_straight_into_a_memory_mapped_cache(tmp_path, capsys):
     assert "memory-mapped from cache" in capsys.readouterr().out
 
 
-def test_without_cache_or_memory_the_data_set_is_streamed(tmp_path, monkeypatch, capsys):
-    d = make_images(tmp_path / "imgs", 40, size=(20, 20))
+def test_without_cache_or_memory_the_data_set_is_streamed(monkeypatch, capsys, image_folder):
+    d = image_folder(40)
     opt = dcgan.parse_args(["--dataset", "folder", "--dataroot", str(d), "--imageSize", "16", "--cache-dir", ""])
     dataset, nc, key = dcgan.build_dataset(opt, dcgan.Ranks())
     load = lambda: dcgan.load_data(opt, dataset, key, nc, torch.device("cpu"), dcgan.Ranks(),  # noqa: E731
@@ -430,285 +475,28 @@ def test_without_cache_or_memory_the_data_set_is_streamed(tmp_path, monkeypatch,
 
 
 # ------------------------------------------------------------------------------------------------
-# Training runs
+# Checkpoints and files
 # ------------------------------------------------------------------------------------------------
 
-def mean_image_distance(G, data, nz):
-    torch.manual_seed(0)
-    G.eval()
-    with torch.no_grad():
-        fake = G(torch.randn(256, nz, 1, 1))
-    real = data.float() / 127.5 - 1
-    return (fake.mean(0) - real.mean(0)).pow(2).mean().item()
-
-
-def test_collapse_is_warned_once_and_logged(tmp_path, capsys):
-    """A run made to fail: G starts from all-zero weights (every sample the same grey) and a high
-    --lr lets D win outright. Both warnings come once, and losses.csv names them from then on."""
-    G = dcgan.Generator(100, 8, 3, 16)
-    torch.save({k: torch.zeros_like(v) for k, v in G.state_dict().items()}, tmp_path / "zero.pth")
-    out = tmp_path / "out"
-    assert run_main(["--dataset", "synthetic", *TINY, "--netG", tmp_path / "zero.pth", "--lr", 0.005,
-                     "--max-steps", 500, "--log-every", 25, "--outf", out]) == 0
-    err = capsys.readouterr().err
-    assert err.count("warning: iteration 200 (epoch 0): the samples from the fixed noise have stopped varying") == 1, err
-    assert err.count("D has rejected nearly every fake") == 1 and err.count("try a lower --lr") == 2, err
-    rows = [r.split(",") for r in (out / "losses.csv").read_text().splitlines()]
-    assert rows[0][-1] == "warning"
-    warnings = {int(r[2]): r[-1] for r in rows[1:]}
-    assert warnings[175] == "" and warnings[200] == "collapsed" and warnings[500] == "d_wins+collapsed"
-
-
-def test_short_synthetic_run_learns(tmp_path, capsys):
-    """G's mean image moves toward the data's mean image (a face on a background); it would not
-    if the G step did nothing."""
-    out = tmp_path / "run"
-    data = dcgan.synthetic_faces(8192, 16, seed=999)
-    G0 = dcgan.Generator(100, 64, 3, 16)
-    torch.manual_seed(999)
-    G0.apply(dcgan.weights_init)
-    start = mean_image_distance(G0, data, 100)
-    assert run_main(["--dataset", "synthetic", "--imageSize", 16, "--batchSize", 64,
-                     "--niter", 3, "--max-steps", 300, "--outf", out, "--log-every", 100]) == 0
-    G = dcgan.Generator(100, 64, 3, 16)
-    G.load_state_dict(state(out / "checkpoint.pt")["netG"])
-    end = mean_image_distance(G, data, 100)
-    assert end < 0.35 * start, (start, end)
-    # and a healthy run raises no collapse warning
-    assert "warning" not in capsys.readouterr().err
-    assert all(r.endswith(",") for r in (out / "losses.csv").read_text().splitlines()[1:])
-
-
-def test_dry_run_command_line_writes_outputs(tmp_path):
-    out = tmp_path / "out"
-    r = cli(["--dataset", "fake", "--dry-run", "--outf", out, "--cache-dir", "", *TINY])
-    assert r.returncode == 0, r.stderr
-    assert "Loss_D" in r.stdout and "img/s" in r.stdout
-    names = set(os.listdir(out))
-    assert {"real_samples.png", "fake_samples_epoch_000.png", "netG_epoch_0.pth", "netD_epoch_0.pth",
-            "losses.csv"} <= names
-    assert "checkpoint.pt" not in names  # a dry run never blocks or bends a later run
-    with Image.open(out / "fake_samples_epoch_000.png") as im:
-        assert im.size[0] > 16
-    g = state(out / "netG_epoch_0.pth")
-    assert next(iter(g)) == "main.0.weight" and not any(k.startswith(("module.", "_orig_mod.")) for k in g)
-    rows = (out / "losses.csv").read_text().splitlines()
-    assert rows[0].startswith("epoch,iter,step,loss_d,loss_g") and len(rows) == 2
-
-
-def test_generate_writes_pngs(tmp_path):
-    out = tmp_path / "out"
-    assert run_main(["--dataset", "synthetic", "--dry-run", "--outf", out, *TINY]) == 0
-    assert run_main(["--dataset", "synthetic", "--max-steps", 2, "--outf", tmp_path / "run", *TINY]) == 0
-    for weights in (out / "netG_epoch_0.pth", tmp_path / "run" / "checkpoint.pt"):
-        gen_out = tmp_path / f"gen-{weights.name}"
-        r = cli(["--generate", 300, "--netG", weights, "--outf", gen_out])
-        assert r.returncode == 0, r.stderr
-        pngs = sorted(os.listdir(gen_out / "generated"))
-        assert pngs == [f"{i:06d}.png" for i in range(300)]
-        assert sorted(os.listdir(gen_out)) == ["generated", "generated_grid.png"]  # no temporary left
-        with Image.open(gen_out / "generated" / pngs[0]) as im:
-            assert im.size == (16, 16) and im.mode == "RGB"
-    # each PNG is G's image for the seed's z, rounded as save_image rounds; a second --generate
-    # into the same folder is refused
-    G = dcgan.Generator(100, 8, 3, 16).eval()
-    G.load_state_dict(state(out / "netG_epoch_0.pth"))
-    with torch.no_grad():
-        expected = G(torch.randn(256, 100, 1, 1, generator=torch.Generator().manual_seed(999)))[123]
-    png = tmp_path / "gen-netG_epoch_0.pth" / "generated" / "000123.png"
-    got = dcgan.decode_image(png, 3).float() / 255 * 2 - 1
-    assert (got - expected).abs().max() <= 1 / 255 + 1e-6
-    r = cli(["--generate", 3, "--netG", out / "netG_epoch_0.pth", "--outf", tmp_path / "gen-netG_epoch_0.pth"])
-    assert r.returncode == dcgan.EXIT_OUTPUT and "already holds" in r.stderr
-
-
-def test_slerp_walks_the_arc():
-    g = torch.Generator().manual_seed(0)
-    z0, z1 = torch.randn(4, 100, 1, 1, generator=g), torch.randn(4, 100, 1, 1, generator=g)
-    assert torch.allclose(dcgan.slerp(z0, z1, torch.zeros(4, 1)), z0, atol=1e-5)
-    assert torch.allclose(dcgan.slerp(z0, z1, torch.ones(4, 1)), z1, atol=1e-5)
-    mid = dcgan.slerp(z0, z1, torch.full((4, 1), 0.5))
-    # the norm stays that of the ends (about 10 for 100-d Gaussians); the straight line's midpoint is ~7
-    assert (mid.flatten(1).norm(dim=1) > 0.95 * torch.minimum(z0.flatten(1).norm(dim=1), z1.flatten(1).norm(dim=1))).all()
-    assert (((z0 + z1) / 2).flatten(1).norm(dim=1) < 0.9 * mid.flatten(1).norm(dim=1)).all()
-    assert torch.allclose(dcgan.slerp(z0, z0, torch.full((4, 1), 0.3)), z0, atol=1e-5)  # same ends
-
-
-def test_interpolate_writes_latent_walks(tmp_path):
-    assert run_main(["--dataset", "synthetic", "--dry-run", "--outf", tmp_path / "run", *TINY]) == 0
-    weights = tmp_path / "run" / "netG_epoch_0.pth"
-    for out in ("a", "b"):
-        assert run_main(["--interpolate", 3, "--netG", weights, "--outf", tmp_path / out]) == 0
-    png = tmp_path / "a" / "interpolation.png"
-    assert png.read_bytes() == (tmp_path / "b" / "interpolation.png").read_bytes()  # seeded
-    grid = dcgan.decode_image(png, 3)
-    assert grid.shape == (3, 2 + 3 * 18, 2 + 10 * 18)  # 3 rows of 10 images of 16x16, 2-pixel borders
-    # each row starts and ends at G of two z that differ from row to row
-    rows = [grid[:, 2 + 18 * r:18 + 18 * r, 2:18] for r in range(3)]
-    assert not torch.equal(rows[0], rows[1]) and not torch.equal(rows[1], rows[2])
-    assert run_main(["--interpolate", 3]) == dcgan.EXIT_USAGE
-
-
-def test_export_real_writes_what_the_networks_see(tmp_path):
-    d = make_numbered_images(tmp_path / "celeba" / "img_align_celeba", 40, size=(178, 218))
-    assert run_main(["--dataroot", tmp_path / "celeba", "--export-real", 25, "--imageSize", 32,
-                     "--outf", tmp_path / "out", "--workers", 0]) == 0
-    pngs = sorted(os.listdir(tmp_path / "out" / "real"))
-    assert pngs == [f"{i:06d}.png" for i in range(25)]
-    opt = dcgan.parse_args(["--dataroot", str(tmp_path / "celeba"), "--imageSize", "32", "--cache-dir", ""])
-    dataset, _, _ = dcgan.build_dataset(opt, dcgan.Ranks())
-    seen = {tuple(dataset[i][:, 0, 0].tolist()): dataset[i] for i in range(40)}
-    for name in pngs:
-        img = dcgan.decode_image(tmp_path / "out" / "real" / name, 3)
-        assert img.shape == (3, 32, 32) and torch.equal(img, seen[tuple(img[:, 0, 0].tolist())])
-    assert len({tuple(dcgan.decode_image(tmp_path / "out" / "real" / n, 3)[:, 0, 0].tolist()) for n in pngs}) == 25
-    assert d.is_dir()
-
-
-# ------------------------------------------------------------------------------------------------
-# Checkpoints, resume, crashes
-# ------------------------------------------------------------------------------------------------
-
-def test_checkpoint_holds_the_full_state(tmp_path):
-    out = tmp_path / "out"
-    assert run_main(["--dataset", "synthetic", "--max-steps", 3, "--outf", out, *TINY]) == 0
-    ck = torch.load(out / "checkpoint.pt", weights_only=True)
+def test_checkpoint_holds_everything_a_run_needs_to_go_on(short_run):
+    ck = torch.load(short_run / "checkpoint.pt", weights_only=True)
     assert {"format", "netG", "netD", "optG", "optD", "epoch", "iter", "step", "fixed_noise", "config",
             "rng", "history"} <= ck.keys()
-    assert (ck["epoch"], ck["iter"], ck["step"]) == (0, 3, 3)
+    assert (ck["epoch"], ck["iter"], ck["step"]) == (0, 2, 2)
     assert {"python", "torch", "noise"} <= ck["rng"].keys()
     assert ck["config"]["ngf"] == 8 and ck["config"]["nc"] == 3
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in ck["netG"])
     assert len(ck["optD"]["state"]) == len(list(dcgan.Discriminator(3, 8, 16).parameters()))
 
 
-def resume_pair(tmp_path, extra, stop):
-    """An uninterrupted run and one that is stopped by `stop(args, out)` and resumed."""
-    base = ["--cache-dir", "", *TINY, "--niter", 2] + extra
-    a, b = tmp_path / "a", tmp_path / "b"
-    assert run_main(base + ["--outf", a]) == 0
-    stop(base, b)
-    r = cli(base + ["--outf", b, "--resume"])
-    assert r.returncode == 0, r.stderr
-    ca, cb = state(a / "checkpoint.pt"), state(b / "checkpoint.pt")
-    assert_same_training_state(ca, cb)
-    # the log continues: every row of the uninterrupted run is there (plus one where it stopped)
-    assert set(ca["history"]["step"]) <= set(cb["history"]["step"])
-    return a, b
-
-
-def stop_with_max_steps(n):
-    def stop(base, out):
-        assert run_main(base + ["--outf", out, "--max-steps", n]) == 0
-    return stop
-
-
-@pytest.mark.parametrize("steps", [5, 12])  # 12 iterations: exactly one epoch of the folder below
-def test_resume_is_bitwise_exact(tmp_path, steps):
-    d = make_images(tmp_path / "imgs", 200, size=(24, 20))
-    resume_pair(tmp_path, ["--dataset", "folder", "--dataroot", d, "--workers", 0], stop_with_max_steps(steps))
-
-
-def test_averaged_generator_resumes_exactly_and_is_what_generate_uses(tmp_path):
-    a, b = resume_pair(tmp_path, ["--dataset", "fake", "--ema", 0.99], stop_with_max_steps(70))  # 64 a epoch
-    ck = state(b / "checkpoint.pt")
-    assert "netG_ema" in ck and not torch.equal(ck["netG_ema"]["main.0.weight"], ck["netG"]["main.0.weight"])
-    assert torch.equal(state(a / "netG_ema_epoch_0.pth")["main.0.weight"], state(b / "netG_ema_epoch_0.pth")["main.0.weight"])
-    for name, weights in (("ckpt", a / "checkpoint.pt"), ("ema", a / "netG_ema_epoch_1.pth"), ("raw", a / "netG_epoch_1.pth")):
-        assert run_main(["--generate", 4, "--netG", weights, "--outf", tmp_path / name]) == 0
-    png = lambda name: (tmp_path / name / "generated" / "000003.png").read_bytes()  # noqa: E731
-    assert png("ckpt") == png("ema") != png("raw")
-
-
-def wait_for(proc, text, timeout=120):
-    lines = []
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        line = proc.stdout.readline()
-        lines.append(line)
-        if text in line:
-            return lines
-        if not line and proc.poll() is not None:
-            break
-    raise AssertionError("never printed " + text + ":\n" + "".join(lines) + (proc.stderr.read() if proc.stderr else ""))
-
-
-@pytest.mark.parametrize("workers", [0, 2])
-def test_sigterm_then_resume_is_bitwise_exact(tmp_path, workers):
-    d = make_images(tmp_path / "imgs", 200, size=(24, 20))
-
-    def stop(base, out):
-        p = subprocess.Popen([sys.executable, os.path.join(HERE, "dcgan.py")] + [str(x) for x in base] +
-                             ["--outf", str(out), "--log-every", "1"],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        wait_for(p, "[0/2][3/12]")
-        p.send_signal(signal.SIGTERM)
-        p.wait(60)
-        rest = p.stdout.read()
-        assert p.returncode == 143 and "stopped by signal 15" in rest
-        ck = state(out / "checkpoint.pt")
-        assert 0 < ck["step"] < 24
-
-    resume_pair(tmp_path, ["--dataset", "folder", "--dataroot", d, "--workers", workers, "--no-preload"], stop)
-
-
-def test_sigint_exits_130_with_a_checkpoint(tmp_path):
-    out = tmp_path / "out"
-    p = subprocess.Popen([sys.executable, os.path.join(HERE, "dcgan.py"), "--dataset", "synthetic", "--outf", str(out),
-                          *TINY, "--log-every", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for(p, "[0/25][2/")
-    p.send_signal(signal.SIGINT)
-    p.wait(60)
-    assert p.returncode == 130
-    assert state(out / "checkpoint.pt")["step"] >= 2
-
-
-def test_sigkill_during_saves_never_corrupts_and_resume_continues(tmp_path):
-    """SIGKILL while a large checkpoint is being written (every iteration), at a random point of
-    the write; the temporary file left behind proves that the kill landed inside the save:
-    the checkpoint on disk always loads, the temporaries are cleaned at the next start, and the
-    run finishes with the same weights as one never killed."""
-    d = make_images(tmp_path / "imgs", 120, size=(24, 20))
-    big = ["--ngf", 64, "--ndf", 64]  # a checkpoint of about 20 MB: writing it takes most of an iteration
-    base = ["--dataset", "folder", "--dataroot", d, "--cache-dir", "", *TINY, *big, "--niter", 20]
-    saving = ["--save-every", 1, "--log-every", 1]
-    rng = random.Random(0)
-    out = tmp_path / "killed"
-    kills = mid_save = 0
-    while kills < 12:
-        p = subprocess.Popen([sys.executable, os.path.join(HERE, "dcgan.py")] + [str(x) for x in base + saving] +
-                             ["--outf", str(out)] + (["--resume"] if kills else []),
-                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        wait_for(p, "Loss_D")  # in the loop: past the start
-        deadline = time.time() + 60
-        while not (out / "checkpoint.pt").exists() and time.time() < deadline:
-            time.sleep(0.001)  # (the first run: until its first save is whole, so there is one to resume)
-        time.sleep(rng.uniform(0.0, 0.2))
-        while not any(".tmp-" in f for f in os.listdir(out)) and p.poll() is None and time.time() < deadline:
-            time.sleep(0.0005)  # until a save is under way
-        time.sleep(rng.uniform(0.0, 0.003))  # at some point of the write
-        if p.poll() is not None:
-            break
-        p.kill()
-        p.wait()
-        kills += 1
-        mid_save += any(".tmp-" in f for f in os.listdir(out))
-        ck = state(out / "checkpoint.pt")  # always whole
-        assert all(torch.isfinite(t).all() for t in tensors(ck["netG"]).values())
-    assert kills == 12 and mid_save >= 8, (kills, mid_save)  # most of them inside a save
-    r = cli(base + ["--outf", out, "--resume"])
-    assert r.returncode == 0, r.stderr
-    assert not [f for f in os.listdir(out) if ".tmp-" in f]
-    assert run_main(base + ["--outf", tmp_path / "clean"]) == 0
-    assert_same_training_state(state(out / "checkpoint.pt"), state(tmp_path / "clean" / "checkpoint.pt"))
-
-
-def test_stray_temporaries_are_cleaned(tmp_path):
-    out = tmp_path / "out"
-    assert run_main(["--dataset", "synthetic", "--max-steps", 2, "--outf", out, *TINY]) == 0
-    (out / ".checkpoint.pt.tmp-12345").write_bytes(b"half a checkpoint")
-    assert run_main(["--dataset", "synthetic", "--max-steps", 2, "--outf", out, "--resume", *TINY]) == 0
-    assert not (out / ".checkpoint.pt.tmp-12345").exists()
+def test_failed_atomic_write_names_the_cause(tmp_path):
+    def torn(f):
+        f.write(b"half")
+        raise OSError(28, "No space left on device")
+    with pytest.raises(dcgan.Fail) as e:
+        dcgan.atomic_write(str(tmp_path / "x.bin"), torn)
+    assert e.value.code == dcgan.EXIT_OUTPUT and "No space left on device" in str(e.value)
+    assert os.listdir(tmp_path) == []
 
 
 def file_size_limit(nbytes):
@@ -719,10 +507,10 @@ def file_size_limit(nbytes):
     return limit
 
 
-def test_full_disk_is_one_line_and_keeps_the_old_checkpoint(tmp_path):
+def test_full_disk_is_one_line_and_keeps_the_old_checkpoint(tmp_path, image_folder):
     """Writes that fail part-way through a real torch.save (and a cache that finds no room): one
     line, exit 6, the old checkpoint byte for byte, no temporary file, however often it is tried."""
-    d = make_images(tmp_path / "imgs", 600, size=(20, 20))
+    d = image_folder(600)
     out = tmp_path / "out"
     args = ["--dataset", "folder", "--dataroot", d, "--outf", out, *TINY, "--max-steps", 2]
     assert run_main(args + ["--cache-dir", ""]) == 0
@@ -743,19 +531,15 @@ def test_full_disk_is_one_line_and_keeps_the_old_checkpoint(tmp_path):
         assert not os.path.exists(tmp_path / "cache") or not os.listdir(tmp_path / "cache")
 
 
-def test_failed_atomic_write_names_the_cause(tmp_path):
-    def torn(f):
-        f.write(b"half")
-        raise OSError(28, "No space left on device")
-    with pytest.raises(dcgan.Fail) as e:
-        dcgan.atomic_write(str(tmp_path / "x.bin"), torn)
-    assert e.value.code == dcgan.EXIT_OUTPUT and "No space left on device" in str(e.value)
-    assert os.listdir(tmp_path) == []
+def test_temporaries_of_dead_processes_are_removed_at_the_next_start(short_run):
+    out = short_run
+    (out / ".checkpoint.pt.tmp-12345").write_bytes(b"half a checkpoint")
+    assert run_main(["--dataset", "synthetic", "--max-steps", 2, "--outf", out, "--resume", *TINY]) == 0
+    assert not (out / ".checkpoint.pt.tmp-12345").exists()
 
 
-def test_damaged_checkpoint_is_named_damaged(tmp_path, capsys):
-    out = tmp_path / "out"
-    assert run_main(["--dataset", "synthetic", "--max-steps", 2, "--outf", out, *TINY]) == 0
+def test_damaged_checkpoint_is_named_damaged(tmp_path, capsys, short_run):
+    out = short_run
     raw = bytearray((out / "checkpoint.pt").read_bytes())
     for where in (len(raw) // 3, len(raw) // 2):  # a few KB overwritten inside the tensors
         damaged = bytearray(raw)
@@ -773,7 +557,7 @@ def test_damaged_checkpoint_is_named_damaged(tmp_path, capsys):
     assert "damaged" in capsys.readouterr().err
 
 
-def test_losses_csv_is_appended_and_continues_after_resume(tmp_path):
+def test_losses_csv_is_appended_and_after_a_resume_continues_from_the_checkpoint(tmp_path):
     out = tmp_path / "out"
     args = ["--dataset", "synthetic", "--outf", out, *TINY, "--log-every", 1, "--niter", 1]
     assert run_main(args + ["--max-steps", 5]) == 0
@@ -787,161 +571,8 @@ def test_losses_csv_is_appended_and_continues_after_resume(tmp_path):
     assert state(out / "checkpoint.pt")["history"]["step"] == list(range(1, 10))
 
 
-def test_divergence_stops_before_any_save(tmp_path, capsys):
-    out = tmp_path / "out"
-    assert run_main(["--dataset", "synthetic", "--dry-run", "--outf", out, *TINY]) == 0
-    bad = state(out / "netD_epoch_0.pth")
-    bad["main.2.weight"][0, 0, 0, 0] = float("nan")
-    torch.save(bad, tmp_path / "nan.pth")
-    out2 = tmp_path / "out2"
-    code = run_main(["--dataset", "synthetic", "--netD", tmp_path / "nan.pth", "--outf", out2, "--save-every", 1, *TINY])
-    err = capsys.readouterr().err
-    assert code == dcgan.EXIT_DIVERGED
-    assert "epoch 0, iteration 0" in err and err.count("\n") == 1 and "Traceback" not in err
-    assert not (out2 / "checkpoint.pt").exists() and not (out2 / "netG_epoch_0.pth").exists()
-
-
-def test_divergence_mid_run_keeps_checkpoints_finite(tmp_path, capsys):
-    out = tmp_path / "out"
-    code = run_main(["--dataset", "synthetic", "--lr", 1e12, "--outf", out, "--save-every", 1, *TINY])
-    err = capsys.readouterr().err
-    assert code == dcgan.EXIT_DIVERGED and "diverged" in err
-    if (out / "checkpoint.pt").exists():
-        ck = state(out / "checkpoint.pt")
-        assert all(torch.isfinite(t).all() for t in tensors(ck).values() if t.is_floating_point())
-        assert "last good checkpoint: " + str(out / "checkpoint.pt") in err
-
-
 # ------------------------------------------------------------------------------------------------
-# Bad input: one line, a documented exit code, no traceback, nothing in --outf overwritten
-# ------------------------------------------------------------------------------------------------
-
-class Evil:
-    def __reduce__(self):
-        return (os.system, (f"touch {os.environ.get('EVIL_MARK', '/tmp/dcgan-evil-ran')}",))
-
-
-def bad_inputs(tmp):
-    imgs = make_images(tmp / "imgs", 30, size=(20, 20))
-    few = make_images(tmp / "few", 3, size=(20, 20))
-    empty = tmp / "empty"
-    empty.mkdir()
-    (tmp / "textonly").mkdir()
-    (tmp / "textonly" / "readme.txt").write_text("no images here")
-    (tmp / "a_file").write_text("x")
-    (tmp / "empty.pt").write_bytes(b"")
-    (tmp / "notckpt.pt").write_text("hello")
-    (tmp / "random.pt").write_bytes(random.Random(1).randbytes(5000))
-    with open(tmp / "evil.pt", "wb") as f:
-        pickle.dump(Evil(), f)
-    torch.save({"main.0.weight": torch.zeros(3)}, tmp / "wrongshape.pth")
-    torch.save({"a": 1}, tmp / "dict.pt")
-    run = ["--dataset", "folder", "--dataroot", imgs, "--cache-dir", "", *TINY]
-    assert dcgan.main([str(a) for a in run + ["--max-steps", 1, "--outf", tmp / "ck"]]) == 0
-    raw = (tmp / "ck" / "checkpoint.pt").read_bytes()
-    (tmp / "truncated.pt").write_bytes(raw[:len(raw) // 2])
-    (tmp / "other").mkdir()
-    (tmp / "other" / "checkpoint.pt").write_bytes(raw)
-    syn = ["--dataset", "synthetic", *TINY]
-    E = dcgan
-    return [
-        (["--dataroot", tmp / "nope", *TINY], E.EXIT_DATA, "nope"),
-        (["--dataroot", empty, *TINY], E.EXIT_DATA, "holds no images"),
-        (["--dataroot", tmp / "textonly", *TINY], E.EXIT_DATA, "img_align_celeba"),
-        (["--dataset", "folder", "--dataroot", tmp / "a_file", *TINY], E.EXIT_DATA, "not a folder"),
-        (["--dataset", "folder", *TINY], E.EXIT_USAGE, "--dataroot"),
-        (["--dataset", "folder", "--dataroot", few, "--cache-dir", "", *TINY], E.EXIT_DATA, "fewer than one batch"),
-        (["--dataset", "cifar10", "--dataroot", empty], E.EXIT_DATA, "cifar10"),
-        (["--dataset", "cifar10", "--dataroot", tmp / "new" / "cifar"], E.EXIT_DATA, "check the network"),
-        (syn[:2] + ["--imageSize", 48], E.EXIT_USAGE, "--imageSize"),
-        (syn + ["--batchSize", 0], E.EXIT_USAGE, "--batchSize"),
-        (syn + ["--batchSize", "many"], E.EXIT_USAGE, "--batchSize"),
-        (syn + ["--lr", "nan"], E.EXIT_USAGE, "--lr"),
-        (syn + ["--lr", -1], E.EXIT_USAGE, "--lr"),
-        (syn + ["--lr-d", -1], E.EXIT_USAGE, "--lr-d"),
-        (syn + ["--real-label", 0.3], E.EXIT_USAGE, "--real-label"),
-        (syn + ["--ema", 1], E.EXIT_USAGE, "--ema"),
-        (syn + ["--niter", 0], E.EXIT_USAGE, "--niter"),
-        (syn + ["--beta1", 1.5], E.EXIT_USAGE, "--beta1"),
-        (syn + ["--workers", -1], E.EXIT_USAGE, "--workers"),
-        (syn + ["--nz", 0], E.EXIT_USAGE, "--nz"),
-        (syn + ["--dataset", "nope"], E.EXIT_USAGE, "--dataset"),
-        (syn + ["--cuda"], E.EXIT_DEVICE, "--cuda"),
-        (syn + ["--ngpu", 2], E.EXIT_DEVICE, "--ngpu"),
-        (syn + ["--device", "cuda:3"], E.EXIT_DEVICE, "--cuda"),
-        (syn + ["--device", "warp9"], E.EXIT_DEVICE, "--device"),
-        (syn + ["--amp", "fp16"], E.EXIT_USAGE, "--amp"),
-        (syn + ["--outf", tmp / "a_file" / "sub"], E.EXIT_OUTPUT, "--outf"),
-        (syn + ["--outf", tmp / "ck"], E.EXIT_OUTPUT, "--resume"),
-        (syn + ["--resume", tmp / "missing.pt"], E.EXIT_FILE, "does not exist"),
-        (syn + ["--resume", tmp / "empty.pt"], E.EXIT_FILE, "empty"),
-        (syn + ["--resume", tmp / "truncated.pt"], E.EXIT_FILE, "truncated"),
-        (syn + ["--resume", tmp / "notckpt.pt"], E.EXIT_FILE, "not a PyTorch file"),
-        (syn + ["--resume", tmp / "random.pt"], E.EXIT_FILE, "not a PyTorch file"),
-        (syn + ["--dry-run", "--resume"], E.EXIT_USAGE, "--dry-run"),
-        (syn + ["--resume", tmp / "dict.pt"], E.EXIT_FILE, "not a checkpoint"),
-        (syn + ["--resume", tmp / "evil.pt"], E.EXIT_FILE, "refused"),
-        (run + ["--resume", "--outf", tmp / "other", "--ngf", 16], E.EXIT_FILE, "ngf 8 saved vs 16 requested"),
-        (run + ["--resume", "--outf", tmp / "other", "--imageSize", 32], E.EXIT_FILE, "imageSize 16 saved vs 32"),
-        (syn + ["--netG", tmp / "wrongshape.pth"], E.EXIT_FILE, "--netG"),
-        (syn + ["--netD", tmp / "evil.pt"], E.EXIT_FILE, "refused"),
-        (syn + ["--netG", tmp / "ck" / "netD_epoch_0.pth"], E.EXIT_FILE, "does not fit"),
-        (["--generate", 4], E.EXIT_USAGE, "--netG"),
-        (["--generate", 4, "--netG", tmp / "dict.pt"], E.EXIT_FILE, "--netG"),
-        (["--generate", 4, "--netG", tmp / "evil.pt"], E.EXIT_FILE, "refused"),
-    ]
-
-
-def test_bad_inputs_get_one_line_and_a_code(tmp_path, capsys, monkeypatch):
-    mark = tmp_path / "evil-ran"
-    monkeypatch.setenv("EVIL_MARK", str(mark))
-    cases = bad_inputs(tmp_path)
-    capsys.readouterr()
-    snapshot = {p: p.read_bytes() for p in (tmp_path / "ck").iterdir()}
-    for argv, code, needle in cases:
-        try:
-            got = dcgan.main([str(a) for a in argv])
-        except SystemExit as e:  # argparse's own errors
-            got = e.code
-        err = capsys.readouterr().err
-        assert got == code, (argv, got, err)
-        assert err.count("\n") == 1 and "Traceback" not in err, (argv, err)
-        assert needle in err, (argv, err)
-    assert not mark.exists(), "a crafted checkpoint ran code"
-    assert (tmp_path / "new" / "cifar").is_dir()  # made for the download, as pytorch/examples does
-    assert {p: p.read_bytes() for p in (tmp_path / "ck").iterdir()} == snapshot
-
-
-def test_the_example_command_lines_work_unchanged(tmp_path):
-    """pytorch/examples' own CI runs these, again and again in one folder: they pass every time,
-    --accel without an accelerator falls back to the CPU, and a dry run leaves nothing that a later
-    run would resume from or be refused for."""
-    for extra in ([], [], ["--accel"]):
-        r = cli(["--dataset", "fake", "--dry-run"] + extra)
-        assert r.returncode == 0, r.stderr
-        assert "Loss_D" in r.stdout and "Traceback" not in r.stderr
-    assert "--accel was given but no accelerator is present; running on the CPU" in r.stderr
-    assert not (tmp_path / "out" / "checkpoint.pt").exists()
-    r = cli(["--dataset", "fake", "--resume"])  # nothing to resume: never a silent skip of epoch 0
-    assert r.returncode == dcgan.EXIT_FILE and "does not exist" in r.stderr
-    assert run_main(["--dataset", "fake", "--max-steps", 1, *TINY]) == 0  # a real run after dry runs
-    real = (tmp_path / "out" / "real_samples.png").read_bytes()
-    assert real != (tmp_path / "out" / "fake_samples_epoch_000.png").read_bytes()
-    r = cli(["--dataset", "fake", "--dry-run", *TINY])  # and a dry run never overwrites that run's files
-    assert r.returncode == dcgan.EXIT_OUTPUT and "holds a run" in r.stderr
-    assert "N iterations in this run" in " ".join(dcgan.build_parser().format_help().split())  # --max-steps
-
-
-def test_user_error_on_the_command_line_has_no_traceback(tmp_path):
-    r = cli(["--dataroot", tmp_path / "missing", "--outf", tmp_path / "o"])
-    assert r.returncode == dcgan.EXIT_DATA
-    assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr and "missing" in r.stderr
-    r = cli(["--batchSize", "x"])
-    assert r.returncode == dcgan.EXIT_USAGE and r.stderr.count("\n") == 1
-
-
-# ------------------------------------------------------------------------------------------------
-# Distributed: two gloo processes on the CPU
+# Devices and processes: two gloo processes under torchrun
 # ------------------------------------------------------------------------------------------------
 
 DRIVER = """
@@ -1015,7 +646,7 @@ def steps_of(trace, rank):
     return rows
 
 
-def test_torchrun_shards_noise_and_identical_weights(tmp_path):
+def test_torchrun_ranks_take_distinct_shards_and_noise_and_stay_identical(tmp_path):
     d = make_numbered_images(tmp_path / "imgs", 96)
     r, trace = torchrun(tmp_path, ["--dataset", "folder", "--dataroot", d, "--outf", tmp_path / "out",
                                    "--max-steps", 6, *TINY, "--batchSize", 8, "--log-every", 3])
@@ -1152,3 +783,397 @@ def test_mnist_downloads_into_a_new_folder_once_per_node(tmp_path, http_folder):
     assert sorted(os.listdir(root / "MNIST" / "raw"))[:2] == ["t10k-images-idx3-ubyte", "t10k-images-idx3-ubyte.gz"]
     assert (trace / "decoded0").exists() and not (trace / "decoded1").exists()  # decoded once per node
     assert "1 images of 1x16x16" not in r.stdout and "64 images of 1x16x16" in r.stdout
+
+
+# ------------------------------------------------------------------------------------------------
+# The run: learning, warnings, resume, signals, divergence
+# ------------------------------------------------------------------------------------------------
+
+def mean_image_distance(G, data, nz):
+    torch.manual_seed(0)
+    G.eval()
+    with torch.no_grad():
+        fake = G(torch.randn(256, nz, 1, 1))
+    real = data.float() / 127.5 - 1
+    return (fake.mean(0) - real.mean(0)).pow(2).mean().item()
+
+
+def test_a_short_synthetic_run_moves_g_toward_the_data(tmp_path, capsys):
+    """G's mean image moves toward the data's mean image (a face on a background); it would not
+    if the G step did nothing."""
+    out = tmp_path / "run"
+    data = dcgan.synthetic_faces(8192, 16, seed=999)
+    G0 = dcgan.Generator(100, 64, 3, 16)
+    torch.manual_seed(999)
+    G0.apply(dcgan.weights_init)
+    start = mean_image_distance(G0, data, 100)
+    assert run_main(["--dataset", "synthetic", "--imageSize", 16, "--batchSize", 64,
+                     "--niter", 3, "--max-steps", 300, "--outf", out, "--log-every", 100]) == 0
+    G = dcgan.Generator(100, 64, 3, 16)
+    G.load_state_dict(state(out / "checkpoint.pt")["netG"])
+    end = mean_image_distance(G, data, 100)
+    assert end < 0.35 * start, (start, end)
+    # and a healthy run raises no collapse warning
+    assert "warning" not in capsys.readouterr().err
+    assert all(r.endswith(",") for r in (out / "losses.csv").read_text().splitlines()[1:])
+
+
+def test_a_collapsing_run_is_warned_once_and_logged(tmp_path, capsys):
+    """A run made to fail: G starts from all-zero weights (every sample the same grey) and a high
+    --lr lets D win outright. Both warnings come once, and losses.csv names them from then on."""
+    G = dcgan.Generator(100, 8, 3, 16)
+    torch.save({k: torch.zeros_like(v) for k, v in G.state_dict().items()}, tmp_path / "zero.pth")
+    out = tmp_path / "out"
+    assert run_main(["--dataset", "synthetic", *TINY, "--netG", tmp_path / "zero.pth", "--lr", 0.005,
+                     "--max-steps", 500, "--log-every", 25, "--outf", out]) == 0
+    err = capsys.readouterr().err
+    assert err.count("warning: iteration 200 (epoch 0): the samples from the fixed noise have stopped varying") == 1, err
+    assert err.count("D has rejected nearly every fake") == 1 and err.count("try a lower --lr") == 2, err
+    rows = [r.split(",") for r in (out / "losses.csv").read_text().splitlines()]
+    assert rows[0][-1] == "warning"
+    warnings = {int(r[2]): r[-1] for r in rows[1:]}
+    assert warnings[175] == "" and warnings[200] == "collapsed" and warnings[500] == "d_wins+collapsed"
+
+
+def test_dry_run_writes_the_epoch_files_and_no_checkpoint(tmp_path):
+    out = tmp_path / "out"
+    r = cli(["--dataset", "fake", "--dry-run", "--outf", out, "--cache-dir", "", *TINY])
+    assert r.returncode == 0, r.stderr
+    assert "Loss_D" in r.stdout and "img/s" in r.stdout
+    names = set(os.listdir(out))
+    assert {"real_samples.png", "fake_samples_epoch_000.png", "netG_epoch_0.pth", "netD_epoch_0.pth",
+            "losses.csv"} <= names
+    assert "checkpoint.pt" not in names  # a dry run never blocks or bends a later run
+    with Image.open(out / "fake_samples_epoch_000.png") as im:
+        assert im.size[0] > 16
+    g = state(out / "netG_epoch_0.pth")
+    assert next(iter(g)) == "main.0.weight" and not any(k.startswith(("module.", "_orig_mod.")) for k in g)
+    rows = (out / "losses.csv").read_text().splitlines()
+    assert rows[0].startswith("epoch,iter,step,loss_d,loss_g") and len(rows) == 2
+
+
+def resume_pair(tmp_path, extra, stop):
+    """An uninterrupted run and one that is stopped by `stop(args, out)` and resumed."""
+    base = ["--cache-dir", "", *TINY, "--niter", 2] + extra
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert run_main(base + ["--outf", a]) == 0
+    stop(base, b)
+    r = cli(base + ["--outf", b, "--resume"])
+    assert r.returncode == 0, r.stderr
+    ca, cb = state(a / "checkpoint.pt"), state(b / "checkpoint.pt")
+    assert_same_training_state(ca, cb)
+    # the log continues: every row of the uninterrupted run is there (plus one where it stopped)
+    assert set(ca["history"]["step"]) <= set(cb["history"]["step"])
+    return a, b
+
+
+def stop_with_max_steps(n):
+    def stop(base, out):
+        assert run_main(base + ["--outf", out, "--max-steps", n]) == 0
+    return stop
+
+
+@pytest.mark.parametrize("steps", [5, 12])  # 12 iterations: exactly one epoch of the folder below
+def test_resume_is_bitwise_exact(tmp_path, steps, image_folder):
+    d = image_folder(200, size=(24, 20))
+    resume_pair(tmp_path, ["--dataset", "folder", "--dataroot", d, "--workers", 0], stop_with_max_steps(steps))
+
+
+def test_averaged_generator_resumes_exactly_and_is_what_generate_uses(tmp_path):
+    a, b = resume_pair(tmp_path, ["--dataset", "fake", "--ema", 0.99], stop_with_max_steps(70))  # 64 a epoch
+    ck = state(b / "checkpoint.pt")
+    assert "netG_ema" in ck and not torch.equal(ck["netG_ema"]["main.0.weight"], ck["netG"]["main.0.weight"])
+    assert torch.equal(state(a / "netG_ema_epoch_0.pth")["main.0.weight"], state(b / "netG_ema_epoch_0.pth")["main.0.weight"])
+    for name, weights in (("ckpt", a / "checkpoint.pt"), ("ema", a / "netG_ema_epoch_1.pth"), ("raw", a / "netG_epoch_1.pth")):
+        assert run_main(["--generate", 4, "--netG", weights, "--outf", tmp_path / name]) == 0
+    png = lambda name: (tmp_path / name / "generated" / "000003.png").read_bytes()  # noqa: E731
+    assert png("ckpt") == png("ema") != png("raw")
+
+
+def wait_for(proc, text, timeout=120):
+    lines = []
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        lines.append(line)
+        if text in line:
+            return lines
+        if not line and proc.poll() is not None:
+            break
+    raise AssertionError("never printed " + text + ":\n" + "".join(lines) + (proc.stderr.read() if proc.stderr else ""))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_sigterm_then_resume_is_bitwise_exact(tmp_path, workers, image_folder):
+    d = image_folder(200, size=(24, 20))
+
+    def stop(base, out):
+        p = subprocess.Popen([sys.executable, os.path.join(HERE, "dcgan.py")] + [str(x) for x in base] +
+                             ["--outf", str(out), "--log-every", "1"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        wait_for(p, "[0/2][3/12]")
+        p.send_signal(signal.SIGTERM)
+        p.wait(60)
+        rest = p.stdout.read()
+        assert p.returncode == 143 and "stopped by signal 15" in rest
+        ck = state(out / "checkpoint.pt")
+        assert 0 < ck["step"] < 24
+
+    resume_pair(tmp_path, ["--dataset", "folder", "--dataroot", d, "--workers", workers, "--no-preload"], stop)
+
+
+def test_sigint_exits_130_with_a_checkpoint(tmp_path):
+    out = tmp_path / "out"
+    p = subprocess.Popen([sys.executable, os.path.join(HERE, "dcgan.py"), "--dataset", "synthetic", "--outf", str(out),
+                          *TINY, "--log-every", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(p, "[0/25][2/")
+    p.send_signal(signal.SIGINT)
+    p.wait(60)
+    assert p.returncode == 130
+    assert state(out / "checkpoint.pt")["step"] >= 2
+
+
+def test_sigkill_during_saves_never_corrupts_and_resume_continues(tmp_path, image_folder):
+    """SIGKILL while a large checkpoint is being written (every iteration), at a random point of
+    the write; the temporary file left behind proves that the kill landed inside the save:
+    the checkpoint on disk always loads, the temporaries are cleaned at the next start, and the
+    run finishes with the same weights as one never killed."""
+    d = image_folder(120, size=(24, 20))
+    big = ["--ngf", 64, "--ndf", 64]  # a checkpoint of about 20 MB: writing it takes most of an iteration
+    base = ["--dataset", "folder", "--dataroot", d, "--cache-dir", "", *TINY, *big, "--niter", 20]
+    saving = ["--save-every", 1, "--log-every", 1]
+    rng = random.Random(0)
+    out = tmp_path / "killed"
+    kills = mid_save = 0
+    while kills < 12:
+        p = subprocess.Popen([sys.executable, os.path.join(HERE, "dcgan.py")] + [str(x) for x in base + saving] +
+                             ["--outf", str(out)] + (["--resume"] if kills else []),
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        wait_for(p, "Loss_D")  # in the loop: past the start
+        deadline = time.time() + 60
+        while not (out / "checkpoint.pt").exists() and time.time() < deadline:
+            time.sleep(0.001)  # (the first run: until its first save is whole, so there is one to resume)
+        time.sleep(rng.uniform(0.0, 0.2))
+        while not any(".tmp-" in f for f in os.listdir(out)) and p.poll() is None and time.time() < deadline:
+            time.sleep(0.0005)  # until a save is under way
+        time.sleep(rng.uniform(0.0, 0.003))  # at some point of the write
+        if p.poll() is not None:
+            break
+        p.kill()
+        p.wait()
+        kills += 1
+        mid_save += any(".tmp-" in f for f in os.listdir(out))
+        ck = state(out / "checkpoint.pt")  # always whole
+        assert all(torch.isfinite(t).all() for t in tensors(ck["netG"]).values())
+    assert kills == 12 and mid_save >= 8, (kills, mid_save)  # most of them inside a save
+    r = cli(base + ["--outf", out, "--resume"])
+    assert r.returncode == 0, r.stderr
+    assert not [f for f in os.listdir(out) if ".tmp-" in f]
+    assert run_main(base + ["--outf", tmp_path / "clean"]) == 0
+    assert_same_training_state(state(out / "checkpoint.pt"), state(tmp_path / "clean" / "checkpoint.pt"))
+
+
+def test_a_non_finite_start_stops_before_anything_is_saved(tmp_path, capsys, dry_run):
+    bad = state(dry_run / "netD_epoch_0.pth")
+    bad["main.2.weight"][0, 0, 0, 0] = float("nan")
+    torch.save(bad, tmp_path / "nan.pth")
+    out2 = tmp_path / "out2"
+    code = run_main(["--dataset", "synthetic", "--netD", tmp_path / "nan.pth", "--outf", out2, "--save-every", 1, *TINY])
+    err = capsys.readouterr().err
+    assert code == dcgan.EXIT_DIVERGED
+    assert "epoch 0, iteration 0" in err and err.count("\n") == 1 and "Traceback" not in err
+    assert not (out2 / "checkpoint.pt").exists() and not (out2 / "netG_epoch_0.pth").exists()
+
+
+def test_divergence_mid_run_stops_with_only_finite_checkpoints(tmp_path, capsys):
+    out = tmp_path / "out"
+    code = run_main(["--dataset", "synthetic", "--lr", 1e12, "--outf", out, "--save-every", 1, *TINY])
+    err = capsys.readouterr().err
+    assert code == dcgan.EXIT_DIVERGED and "diverged" in err
+    if (out / "checkpoint.pt").exists():
+        ck = state(out / "checkpoint.pt")
+        assert all(torch.isfinite(t).all() for t in tensors(ck).values() if t.is_floating_point())
+        assert "last good checkpoint: " + str(out / "checkpoint.pt") in err
+
+
+# ------------------------------------------------------------------------------------------------
+# The command line: images without training; bad input gets one line, a documented exit code, no traceback,
+# and nothing in --outf overwritten
+# ------------------------------------------------------------------------------------------------
+
+def test_generate_writes_one_png_per_image_as_g_draws_it(tmp_path, dry_run, short_run):
+    out = dry_run
+    for weights in (out / "netG_epoch_0.pth", short_run / "checkpoint.pt"):
+        gen_out = tmp_path / f"gen-{weights.name}"
+        r = cli(["--generate", 300, "--netG", weights, "--outf", gen_out])
+        assert r.returncode == 0, r.stderr
+        pngs = sorted(os.listdir(gen_out / "generated"))
+        assert pngs == [f"{i:06d}.png" for i in range(300)]
+        assert sorted(os.listdir(gen_out)) == ["generated", "generated_grid.png"]  # no temporary left
+        with Image.open(gen_out / "generated" / pngs[0]) as im:
+            assert im.size == (16, 16) and im.mode == "RGB"
+    # each PNG is G's image for the seed's z, rounded as save_image rounds; a second --generate
+    # into the same folder is refused
+    G = dcgan.Generator(100, 8, 3, 16).eval()
+    G.load_state_dict(state(out / "netG_epoch_0.pth"))
+    with torch.no_grad():
+        expected = G(torch.randn(256, 100, 1, 1, generator=torch.Generator().manual_seed(999)))[123]
+    png = tmp_path / "gen-netG_epoch_0.pth" / "generated" / "000123.png"
+    got = dcgan.decode_image(png, 3).float() / 255 * 2 - 1
+    assert (got - expected).abs().max() <= 1 / 255 + 1e-6
+    r = cli(["--generate", 3, "--netG", out / "netG_epoch_0.pth", "--outf", tmp_path / "gen-netG_epoch_0.pth"])
+    assert r.returncode == dcgan.EXIT_OUTPUT and "already holds" in r.stderr
+
+
+def test_interpolate_writes_seeded_latent_walks(tmp_path, dry_run):
+    weights = dry_run / "netG_epoch_0.pth"
+    for out in ("a", "b"):
+        assert run_main(["--interpolate", 3, "--netG", weights, "--outf", tmp_path / out]) == 0
+    png = tmp_path / "a" / "interpolation.png"
+    assert png.read_bytes() == (tmp_path / "b" / "interpolation.png").read_bytes()  # seeded
+    grid = dcgan.decode_image(png, 3)
+    assert grid.shape == (3, 2 + 3 * 18, 2 + 10 * 18)  # 3 rows of 10 images of 16x16, 2-pixel borders
+    # each row starts and ends at G of two z that differ from row to row
+    rows = [grid[:, 2 + 18 * r:18 + 18 * r, 2:18] for r in range(3)]
+    assert not torch.equal(rows[0], rows[1]) and not torch.equal(rows[1], rows[2])
+    assert run_main(["--interpolate", 3]) == dcgan.EXIT_USAGE
+
+
+def test_export_real_writes_what_the_networks_see(tmp_path):
+    d = make_numbered_images(tmp_path / "celeba" / "img_align_celeba", 40, size=(178, 218))
+    assert run_main(["--dataroot", tmp_path / "celeba", "--export-real", 25, "--imageSize", 32,
+                     "--outf", tmp_path / "out", "--workers", 0]) == 0
+    pngs = sorted(os.listdir(tmp_path / "out" / "real"))
+    assert pngs == [f"{i:06d}.png" for i in range(25)]
+    opt = dcgan.parse_args(["--dataroot", str(tmp_path / "celeba"), "--imageSize", "32", "--cache-dir", ""])
+    dataset, _, _ = dcgan.build_dataset(opt, dcgan.Ranks())
+    seen = {tuple(dataset[i][:, 0, 0].tolist()): dataset[i] for i in range(40)}
+    for name in pngs:
+        img = dcgan.decode_image(tmp_path / "out" / "real" / name, 3)
+        assert img.shape == (3, 32, 32) and torch.equal(img, seen[tuple(img[:, 0, 0].tolist())])
+    assert len({tuple(dcgan.decode_image(tmp_path / "out" / "real" / n, 3)[:, 0, 0].tolist()) for n in pngs}) == 25
+    assert d.is_dir()
+
+
+class Evil:
+    def __reduce__(self):
+        return (os.system, (f"touch {os.environ.get('EVIL_MARK', '/tmp/dcgan-evil-ran')}",))
+
+
+def bad_inputs(tmp):
+    imgs = make_images(tmp / "imgs", 30, size=(20, 20))
+    few = make_images(tmp / "few", 3, size=(20, 20))
+    empty = tmp / "empty"
+    empty.mkdir()
+    (tmp / "textonly").mkdir()
+    (tmp / "textonly" / "readme.txt").write_text("no images here")
+    (tmp / "a_file").write_text("x")
+    (tmp / "empty.pt").write_bytes(b"")
+    (tmp / "notckpt.pt").write_text("hello")
+    (tmp / "random.pt").write_bytes(random.Random(1).randbytes(5000))
+    with open(tmp / "evil.pt", "wb") as f:
+        pickle.dump(Evil(), f)
+    torch.save({"main.0.weight": torch.zeros(3)}, tmp / "wrongshape.pth")
+    torch.save({"a": 1}, tmp / "dict.pt")
+    run = ["--dataset", "folder", "--dataroot", imgs, "--cache-dir", "", *TINY]
+    assert dcgan.main([str(a) for a in run + ["--max-steps", 1, "--outf", tmp / "ck"]]) == 0
+    raw = (tmp / "ck" / "checkpoint.pt").read_bytes()
+    (tmp / "truncated.pt").write_bytes(raw[:len(raw) // 2])
+    (tmp / "other").mkdir()
+    (tmp / "other" / "checkpoint.pt").write_bytes(raw)
+    syn = ["--dataset", "synthetic", *TINY]
+    E = dcgan
+    return [
+        (["--dataroot", tmp / "nope", *TINY], E.EXIT_DATA, "nope"),
+        (["--dataroot", empty, *TINY], E.EXIT_DATA, "holds no images"),
+        (["--dataroot", tmp / "textonly", *TINY], E.EXIT_DATA, "img_align_celeba"),
+        (["--dataset", "folder", "--dataroot", tmp / "a_file", *TINY], E.EXIT_DATA, "not a folder"),
+        (["--dataset", "folder", *TINY], E.EXIT_USAGE, "--dataroot"),
+        (["--dataset", "folder", "--dataroot", few, "--cache-dir", "", *TINY], E.EXIT_DATA, "fewer than one batch"),
+        (["--dataset", "cifar10", "--dataroot", empty], E.EXIT_DATA, "cifar10"),
+        (["--dataset", "cifar10", "--dataroot", tmp / "new" / "cifar"], E.EXIT_DATA, "check the network"),
+        (syn[:2] + ["--imageSize", 48], E.EXIT_USAGE, "--imageSize"),
+        (syn + ["--batchSize", 0], E.EXIT_USAGE, "--batchSize"),
+        (syn + ["--batchSize", "many"], E.EXIT_USAGE, "--batchSize"),
+        (syn + ["--lr", "nan"], E.EXIT_USAGE, "--lr"),
+        (syn + ["--lr", -1], E.EXIT_USAGE, "--lr"),
+        (syn + ["--lr-d", -1], E.EXIT_USAGE, "--lr-d"),
+        (syn + ["--real-label", 0.3], E.EXIT_USAGE, "--real-label"),
+        (syn + ["--ema", 1], E.EXIT_USAGE, "--ema"),
+        (syn + ["--niter", 0], E.EXIT_USAGE, "--niter"),
+        (syn + ["--beta1", 1.5], E.EXIT_USAGE, "--beta1"),
+        (syn + ["--workers", -1], E.EXIT_USAGE, "--workers"),
+        (syn + ["--nz", 0], E.EXIT_USAGE, "--nz"),
+        (syn + ["--dataset", "nope"], E.EXIT_USAGE, "--dataset"),
+        (syn + ["--cuda"], E.EXIT_DEVICE, "--cuda"),
+        (syn + ["--ngpu", 2], E.EXIT_DEVICE, "--ngpu"),
+        (syn + ["--device", "cuda:3"], E.EXIT_DEVICE, "--cuda"),
+        (syn + ["--device", "warp9"], E.EXIT_DEVICE, "--device"),
+        (syn + ["--amp", "fp16"], E.EXIT_USAGE, "--amp"),
+        (syn + ["--outf", tmp / "a_file" / "sub"], E.EXIT_OUTPUT, "--outf"),
+        (syn + ["--outf", tmp / "ck"], E.EXIT_OUTPUT, "--resume"),
+        (syn + ["--resume", tmp / "missing.pt"], E.EXIT_FILE, "does not exist"),
+        (syn + ["--resume", tmp / "empty.pt"], E.EXIT_FILE, "empty"),
+        (syn + ["--resume", tmp / "truncated.pt"], E.EXIT_FILE, "truncated"),
+        (syn + ["--resume", tmp / "notckpt.pt"], E.EXIT_FILE, "not a PyTorch file"),
+        (syn + ["--resume", tmp / "random.pt"], E.EXIT_FILE, "not a PyTorch file"),
+        (syn + ["--dry-run", "--resume"], E.EXIT_USAGE, "--dry-run"),
+        (syn + ["--resume", tmp / "dict.pt"], E.EXIT_FILE, "not a checkpoint"),
+        (syn + ["--resume", tmp / "evil.pt"], E.EXIT_FILE, "refused"),
+        (run + ["--resume", "--outf", tmp / "other", "--ngf", 16], E.EXIT_FILE, "ngf 8 saved vs 16 requested"),
+        (run + ["--resume", "--outf", tmp / "other", "--imageSize", 32], E.EXIT_FILE, "imageSize 16 saved vs 32"),
+        (syn + ["--netG", tmp / "wrongshape.pth"], E.EXIT_FILE, "--netG"),
+        (syn + ["--netD", tmp / "evil.pt"], E.EXIT_FILE, "refused"),
+        (syn + ["--netG", tmp / "ck" / "netD_epoch_0.pth"], E.EXIT_FILE, "does not fit"),
+        (["--generate", 4], E.EXIT_USAGE, "--netG"),
+        (["--generate", 4, "--netG", tmp / "dict.pt"], E.EXIT_FILE, "--netG"),
+        (["--generate", 4, "--netG", tmp / "evil.pt"], E.EXIT_FILE, "refused"),
+    ]
+
+
+def test_bad_inputs_get_one_line_and_a_code(tmp_path, capsys, monkeypatch):
+    mark = tmp_path / "evil-ran"
+    monkeypatch.setenv("EVIL_MARK", str(mark))
+    cases = bad_inputs(tmp_path)
+    capsys.readouterr()
+    snapshot = {p: p.read_bytes() for p in (tmp_path / "ck").iterdir()}
+    for argv, code, needle in cases:
+        try:
+            got = dcgan.main([str(a) for a in argv])
+        except SystemExit as e:  # argparse's own errors
+            got = e.code
+        err = capsys.readouterr().err
+        assert got == code, (argv, got, err)
+        assert err.count("\n") == 1 and "Traceback" not in err, (argv, err)
+        assert needle in err, (argv, err)
+    assert not mark.exists(), "a crafted checkpoint ran code"
+    assert (tmp_path / "new" / "cifar").is_dir()  # made for the download, as pytorch/examples does
+    assert {p: p.read_bytes() for p in (tmp_path / "ck").iterdir()} == snapshot
+
+
+def test_the_example_command_lines_work_unchanged(tmp_path):
+    """pytorch/examples' own CI runs these, again and again in one folder: they pass every time,
+    --accel without an accelerator falls back to the CPU, and a dry run leaves nothing that a later
+    run would resume from or be refused for."""
+    for extra in ([], [], ["--accel"]):
+        r = cli(["--dataset", "fake", "--dry-run"] + extra)
+        assert r.returncode == 0, r.stderr
+        assert "Loss_D" in r.stdout and "Traceback" not in r.stderr
+    assert "--accel was given but no accelerator is present; running on the CPU" in r.stderr
+    assert not (tmp_path / "out" / "checkpoint.pt").exists()
+    r = cli(["--dataset", "fake", "--resume"])  # nothing to resume: never a silent skip of epoch 0
+    assert r.returncode == dcgan.EXIT_FILE and "does not exist" in r.stderr
+    assert run_main(["--dataset", "fake", "--max-steps", 1, *TINY]) == 0  # a real run after dry runs
+    real = (tmp_path / "out" / "real_samples.png").read_bytes()
+    assert real != (tmp_path / "out" / "fake_samples_epoch_000.png").read_bytes()
+    r = cli(["--dataset", "fake", "--dry-run", *TINY])  # and a dry run never overwrites that run's files
+    assert r.returncode == dcgan.EXIT_OUTPUT and "holds a run" in r.stderr
+    assert "N iterations in this run" in " ".join(dcgan.build_parser().format_help().split())  # --max-steps
+
+
+def test_user_error_on_the_command_line_has_no_traceback(tmp_path):
+    r = cli(["--dataroot", tmp_path / "missing", "--outf", tmp_path / "o"])
+    assert r.returncode == dcgan.EXIT_DATA
+    assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr and "missing" in r.stderr
+    r = cli(["--batchSize", "x"])
+    assert r.returncode == dcgan.EXIT_USAGE and r.stderr.count("\n") == 1
