@@ -1012,15 +1012,21 @@ def test_generate_writes_one_png_per_image_as_g_draws_it(tmp_path, dry_run, shor
         assert sorted(os.listdir(gen_out)) == ["generated", "generated_grid.png"]  # no temporary left
         with Image.open(gen_out / "generated" / pngs[0]) as im:
             assert im.size == (16, 16) and im.mode == "RGB"
-    # each PNG is G's image for the seed's z, rounded as save_image rounds; a second --generate
-    # into the same folder is refused
-    G = dcgan.Generator(100, 8, 3, 16).eval()
+    # each PNG is G's image for the seed's z, rounded as save_image rounds, drawn with the statistics
+    # of a whole batch of 256 (also the last, partial one) or, with --sample-bn eval, G's running ones
+    r = cli(["--generate", 300, "--netG", out / "netG_epoch_0.pth", "--outf", tmp_path / "gen-eval", "--sample-bn", "eval"])
+    assert r.returncode == 0, r.stderr
+    G = dcgan.Generator(100, 8, 3, 16)
     G.load_state_dict(state(out / "netG_epoch_0.pth"))
+    z = torch.randn(512, 100, 1, 1, generator=torch.Generator().manual_seed(999))
     with torch.no_grad():
-        expected = G(torch.randn(256, 100, 1, 1, generator=torch.Generator().manual_seed(999)))[123]
-    png = tmp_path / "gen-netG_epoch_0.pth" / "generated" / "000123.png"
-    got = dcgan.decode_image(png, 3).float() / 255 * 2 - 1
-    assert (got - expected).abs().max() <= 1 / 255 + 1e-6
+        by_eval = G.eval()(z[:256])
+        by_batch = torch.cat([G.train()(z[:256]), G.train()(z[256:])])
+    for folder, i, expected in (("gen-netG_epoch_0.pth", 123, by_batch[123]), ("gen-netG_epoch_0.pth", 299, by_batch[299]),
+                                ("gen-eval", 123, by_eval[123])):
+        got = dcgan.decode_image(tmp_path / folder / "generated" / f"{i:06d}.png", 3).float() / 255 * 2 - 1
+        assert (got - expected).abs().max() <= 1 / 255 + 1e-6, (folder, i)
+    # a second --generate into the same folder is refused
     r = cli(["--generate", 3, "--netG", out / "netG_epoch_0.pth", "--outf", tmp_path / "gen-netG_epoch_0.pth"])
     assert r.returncode == dcgan.EXIT_OUTPUT and "already holds" in r.stderr
 
