@@ -190,7 +190,7 @@ def train_step(tr, real_u8, noise):
 # ------------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def sample(netG, z, batch_stats=False):
+def sample(netG, z, batch_stats=True):
     """G(z) for viewing. With batch_stats (the default of --sample-bn), BatchNorm normalises with the
     statistics of this batch, as in training and as the PyTorch example samples; it scored better
     than eval mode (running statistics, each image depending on its own z alone) on 11 of 12
@@ -1134,7 +1134,7 @@ class Trainer:
         self.count = 0
         return values
 
-    def sample(self, noise, batch_stats=False):
+    def sample(self, noise, batch_stats=True):
         """Images from fixed noise, by the averaged G when there is one."""
         with self.autocast():
             return sample(self.netG_ema or self.netG, noise, batch_stats).float()

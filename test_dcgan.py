@@ -275,10 +275,11 @@ def test_sampling_with_batch_statistics_leaves_g_untouched():
     G.train()(torch.randn(16, 10, 1, 1))  # some running statistics
     before = {k: v.clone() for k, v in G.state_dict().items()}
     z = torch.randn(8, 10, 1, 1)
-    by_batch, by_running = dcgan.sample(G, z, batch_stats=True), dcgan.sample(G, z)
+    by_batch, by_running = dcgan.sample(G, z), dcgan.sample(G, z, batch_stats=False)
     assert not torch.allclose(by_batch, by_running)
-    assert torch.allclose(dcgan.sample(G, z[:1]), by_running[:1], atol=1e-6)  # eval: one image as in a batch
+    assert torch.allclose(dcgan.sample(G, z[:1], batch_stats=False), by_running[:1], atol=1e-6)  # eval: one image as in a batch
     assert all(torch.equal(v, before[k]) for k, v in G.state_dict().items()) and G.training
+    assert torch.allclose(by_batch, G.train()(z), atol=1e-6)  # the default: this batch's statistics, as in training
 
 
 def test_averaged_generator_follows_g_with_a_warm_up():
