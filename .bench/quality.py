@@ -41,10 +41,10 @@ def synthetic_digits(n, size, seed):
     """n numbers from 0 to 99 as uint8 (n, 3, size, size): thin strokes on a plain background, a
     data set unlike the faces in everything but the size. Seeded; no download."""
     rng, out = random.Random(seed), torch.empty(n, 3, size, size, dtype=torch.uint8)
-    fonts = {s: ImageFont.load_default(size=s) for s in range(size // 3, 3 * size // 4 + 1)}
+    fonts = [ImageFont.load_default(size=s) for s in range(size // 3, 3 * size // 4 + 1)]
     for i in range(n):
         text = str(rng.randrange(100))
-        font = fonts[rng.randrange(size // 3, 3 * size // 4 + 1)]
+        font = rng.choice(fonts)
         mask = Image.new("L", (2 * size, 2 * size))
         ImageDraw.Draw(mask).text((size + rng.uniform(-0.15, 0.15) * size, size + rng.uniform(-0.15, 0.15) * size),
                                   text, fill=255, font=font, anchor="mm")
@@ -59,8 +59,8 @@ def synthetic_digits(n, size, seed):
 
 
 def real_images(opt):
-    """The training folder (made from the synthetic faces unless --dataroot) and a held-out set of
-    real images as uint8 (N, 3, S, S), cropped and resized as G sees them."""
+    """The training folder (made from the synthetic set of --data unless --dataroot) and a held-out
+    set of real images as uint8 (N, 3, S, S), cropped and resized as G sees them."""
     if opt.dataroot:
         folder = opt.dataroot
     else:
@@ -174,7 +174,7 @@ def main():
     p.add_argument("--work", default=os.path.join(HERE, ".bench", "work"), help="folder for data, runs, results")
     p.add_argument("--dataroot", default="", help="a folder of images (default: synthetic faces)")
     p.add_argument("--data", choices=["faces", "digits"], default="faces", help="the synthetic set, without --dataroot")
-    p.add_argument("--train-images", type=int, default=35840, help="synthetic faces to make (default: 560 batches of 64)")
+    p.add_argument("--train-images", type=int, default=35840, help="synthetic images to make (default: 560 batches of 64)")
     p.add_argument("--imageSize", type=int, default=64)
     p.add_argument("--batchSize", type=int, default=64)
     p.add_argument("--niter", type=int, default=1, help="epochs of every run")
