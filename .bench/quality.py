@@ -72,7 +72,7 @@ def real_images(opt):
     args = dcgan.parse_args(["--dataset", "folder", "--dataroot", folder, "--imageSize", str(opt.imageSize),
                              "--cache-dir", os.path.join(opt.work, "cache"), "--workers", "2"])
     dataset, nc, key = dcgan.build_dataset(args, dcgan.Ranks())
-    data = dcgan.load_data(args, dataset, key, nc, torch.device("cpu"), dcgan.Ranks(), lambda *a: None, print)
+    data = dcgan.load_data(args, dataset, key, nc, torch.device("cpu"), dcgan.Ranks(), lambda *a: None)
     held_out = data[torch.randperm(len(data), generator=torch.Generator().manual_seed(7))[:2 * opt.samples]]
     return folder, held_out
 
