@@ -21,7 +21,6 @@ import inspect
 import io
 import math
 import os
-import random
 import shutil
 import signal
 import socket
@@ -195,9 +194,10 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", "
 
 
 class Fail(Exception):
-    def __init__(self, code, message, quiet=False):
+    def __init__(self, code, message, quiet=None):
         super().__init__(message)
-        self.code, self.quiet = code, quiet  # quiet: another rank prints it
+        self.code = code
+        self.quiet = os.environ.get("RANK", "0") != "0" if quiet is None else quiet  # rank 0 prints, under torchrun
 
 
 def warn(message):
@@ -219,7 +219,7 @@ def synthetic_faces(n, size, nc=3, seed=0):
         u = [torch.rand(m, k, 1, 1, generator=g) for k in (1, 1, 1, 1, 1, 1, 1, 3, 1, 1, 1)]  # k values an image
         cx, cy, rx = (u[0] - 0.5) * 0.4, (u[1] - 0.5) * 0.3, 0.45 + 0.2 * u[2]
         ry, eye_r = rx * (1.15 + 0.2 * u[3]), rx * (0.12 + 0.05 * u[4])
-        eyes = ellipse(cx - 0.38 * rx, cy - 0.2 * ry, eye_r, eye_r) + ellipse(cx + 0.38 * rx, cy - 0.2 * ry, eye_r, eye_r)
+        eyes = sum(ellipse(cx + side * 0.38 * rx, cy - 0.2 * ry, eye_r, eye_r) for side in (-1, 1))
         mouth = ellipse(cx, cy + 0.5 * ry, rx * (0.25 + 0.2 * u[5]), ry * (0.06 + 0.06 * u[6]))
         head, skin = ellipse(cx, cy, rx, ry), torch.cat([0.55 + 0.4 * u[8], 0.35 + 0.35 * u[9], 0.25 + 0.3 * u[10]], 1)
         img = (u[7] * 0.8) * (1 - head) + skin * head  # u[7]: the background's colour
@@ -326,7 +326,7 @@ def open_torchvision(kind, root, classes):
         os.makedirs(root, exist_ok=True)
         return {"cifar10": torchvision.datasets.CIFAR10, "mnist": torchvision.datasets.MNIST}[kind](root, download=True)
     except Exception as e:
-        what = "download it there (see README)" if kind == "lsun" else "check the network, or download it there yourself"
+        what = "download it there (see README)" if kind == "lsun" else "check the network or download it yourself"
         raise Fail(EXIT_DATA, f"could not open {kind} in --dataroot {root}: {(str(e).splitlines() or [e])[0]}; {what}")
 
 
@@ -410,7 +410,8 @@ def decode_all(dataset, workers, log, out):
 def stack_readable(items):
     """The readable images in one tensor (one block of shared memory a batch), and where the others were."""
     good = [x for x in items if x is not None]
-    return torch.stack(good) if good else torch.empty(0, dtype=torch.uint8), [i for i, x in enumerate(items) if x is None]
+    unreadable = [i for i, x in enumerate(items) if x is None]
+    return torch.stack(good) if good else torch.empty(0, dtype=torch.uint8), unreadable
 
 
 def uint8_batches(data, order, batch_size, workers=0, pin_memory=False):
@@ -430,7 +431,7 @@ def epoch_batches(data, batch_size, seed, epoch, start=0, rank=0, world=1, worke
     """This rank's batches of an epoch from batch `start` on, as float images in [-1, 1] on the device. The
     order comes from (seed, epoch) alone, so a resumed run sees what an uninterrupted one would; under DDP each
     rank takes its share, as DistributedSampler does. Incomplete batches are dropped: BatchNorm sees full ones."""
-    sampler = torch.utils.data.DistributedSampler(range(len(data)), world, rank, shuffle=True, seed=seed, drop_last=True)
+    sampler = torch.utils.data.DistributedSampler(range(len(data)), world, rank, seed=seed, drop_last=True)
     sampler.set_epoch(epoch)
     order = list(sampler)[start * batch_size:len(sampler) // batch_size * batch_size]
     for batch in uint8_batches(data, order, batch_size, workers, pin_memory=device.type == "cuda"):
@@ -448,19 +449,11 @@ def remove(path):
         pass
 
 
-def disk_fail(e, what, hint):
-    """One line for a failure of the disk behind e (full, quota, permissions, also inside torch.save, which
-    raises its own error around the file's); e itself for any other error."""
-    cause = e
-    while cause is not None and not isinstance(cause, OSError):
-        cause = cause.__cause__ or cause.__context__
-    return e if cause is None else Fail(EXIT_OUTPUT, f"could not write {what}: {cause.strerror or cause}; {hint}")
-
-
 @contextlib.contextmanager
 def replacing(path, hint="free disk space or fix the permissions of its folder (the previous file there is intact)"):
-    """Yields a temporary name beside path (file or folder), renamed over path after the block. A failure removes
-    the temporary and leaves path as it was; a disk's failure is one line."""
+    """Yields a temporary name beside path (a file or a folder), renamed over path after the block. A failure
+    removes the temporary; the disk's (full, quota, permissions, also inside torch.save, which raises its own
+    error around the file's) is one line, any other passes as it is."""
     folder, name = os.path.split(path)
     tmp = os.path.join(folder, f".{name}.{socket.gethostname()}.tmp")  # nodes may share a cache folder
     try:
@@ -472,7 +465,12 @@ def replacing(path, hint="free disk space or fix the permissions of its folder (
             os.close(fd)
     except BaseException as e:
         remove(tmp)
-        raise disk_fail(e, path, hint) from None
+        cause = e
+        while cause is not None and not isinstance(cause, OSError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None:
+            raise
+        raise Fail(EXIT_OUTPUT, f"could not write {path}: {cause.strerror or cause}; {hint}") from None
 
 
 def atomic_write(path, write):
@@ -596,7 +594,7 @@ def read_checkpoint(path, config):
                               "pass the saved values or start a new --outf")
     if ckpt["config"].get("world", 1) != config["world"]:
         raise Fail(EXIT_FILE, f"--resume {path} was written by {ckpt['config'].get('world', 1)} process(es), this run "
-                              f"has {config['world']}: resume with as many (the data shards and the noise depend on it)")
+                              f"has {config['world']}: resume with as many (the shards and the noise depend on it)")
     return ckpt
 
 
@@ -612,7 +610,7 @@ def append_row(path, row):
         with open(path, "a") as f:
             f.write(csv_text([row]))
     except OSError as e:
-        raise disk_fail(e, path, "free disk space or fix the permissions of its folder") from None
+        raise Fail(EXIT_OUTPUT, f"could not write {path}: {e.strerror}; free disk space or fix its folder") from None
 
 
 def plot_losses(outf, history):
@@ -653,7 +651,7 @@ def pick_device(opt, local_rank=0, world=1):
     if device.type == "cpu":
         return device
     if accel is None or accel.type != device.type:
-        raise Fail(EXIT_DEVICE, f"{flag}: this torch sees no {device.type} device; drop {flag.split()[0]} to use the CPU")
+        raise Fail(EXIT_DEVICE, f"{flag}: this torch sees no {device.type} device; drop {flag.split()[0]} for the CPU")
     index, count = local_rank if device.index is None else device.index, torch.accelerator.device_count()
     if index + opt.ngpu > count:
         raise Fail(EXIT_DEVICE, f"{flag}{f' --ngpu {opt.ngpu}' if opt.ngpu > 1 else ''}: needs {device.type} device "
@@ -783,7 +781,7 @@ def wrap(net, opt, device, world):
         # Training uses batch statistics. The older flag, broadcast_buffers=False, also skips the sync at
         # construction: each rank starts from the same buffers, so either does.
         ddp = nn.parallel.DistributedDataParallel
-        flag = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp).parameters else "broadcast_buffers"
+        flag = next(f for f in ("forward_sync_buffers", "broadcast_buffers") if f in inspect.signature(ddp).parameters)
         net = ddp(net, device_ids=[device.index] if device.type == "cuda" else None, **{flag: False})
     elif opt.ngpu > 1:
         net = nn.DataParallel(net, list(range(device.index, device.index + opt.ngpu)))
@@ -812,11 +810,9 @@ class Run:
             for tmp in glob.glob(os.path.join(glob.escape(opt.outf), ".*.tmp")):
                 remove(tmp)  # left by a process killed while saving
         self.dataset, self.nc, self.key = build_dataset(opt, ranks)
-        self.config = {k: v for k, v in vars(opt).items() if isinstance(v, (int, float, str, bool, type(None)))}
-        self.config.update(nc=self.nc, world=ranks.world)
+        self.config = dict(vars(opt), nc=self.nc, world=ranks.world)
         self.ckpt = read_checkpoint(self.resume_path, self.config) if self.resume_path is not None else None
         torch.manual_seed(opt.manualSeed)
-        random.seed(opt.manualSeed)
         self.netG = Generator(opt.nz, opt.ngf, self.nc, opt.imageSize)
         self.netD = Discriminator(self.nc, opt.ndf, opt.imageSize)
         self.netG.apply(weights_init)
@@ -875,11 +871,8 @@ class Run:
         if ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
         rng = ckpt.get("rng_ranks", [ckpt["rng"]])[self.ranks.rank]  # this rank's own states
-        random.setstate((3, tuple(rng["python"]), None))
         torch.set_rng_state(rng["torch"])
         self.noise_gen.set_state(rng["noise"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"][:torch.cuda.device_count()])
         self.fixed_noise, self.history = ckpt["fixed_noise"], ckpt["history"]
         self.history.setdefault("warning", [""] * len(self.history["step"]))  # (checkpoints before the column)
         self.epoch, self.it, self.step = ckpt["epoch"], ckpt["iter"], ckpt["step"]
@@ -887,10 +880,7 @@ class Run:
 
     def checkpoint(self):
         """Everything a run needs to go on exactly, every rank's RNG states included: each rank draws its own noise."""
-        rng = {"python": list(random.getstate()[1]), "torch": torch.get_rng_state(), "noise": self.noise_gen.get_state()}
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
-        every_rank = self.ranks.gather(rng)
+        every_rank = self.ranks.gather({"torch": torch.get_rng_state(), "noise": self.noise_gen.get_state()})
         ckpt = {"format": 1, "netG": self.netG.state_dict(), "netD": self.netD.state_dict(),
                 "optG": self.optG.state_dict(), "optD": self.optD.state_dict(), "scaler": self.scaler.state_dict(),
                 "epoch": self.epoch, "iter": self.it, "step": self.step, "fixed_noise": self.fixed_noise.cpu(),
@@ -932,7 +922,7 @@ class Run:
 
     def loop(self):
         """Each iteration: a step, maybe a log line, maybe a save, maybe a stop."""
-        opt, total = self.opt, 1 if self.opt.dry_run else self.opt.niter * self.per_epoch
+        opt, ranks, total = self.opt, self.ranks, 1 if self.opt.dry_run else self.opt.niter * self.per_epoch
         if self.step >= total:
             self.log(f"the run in {opt.outf} is finished ({self.epoch} epochs, {self.step} iterations); to train "
                      f"longer, --resume with a --niter above {self.epoch}")
@@ -942,21 +932,20 @@ class Run:
         with Signals() as signals:
             while self.step < total:
                 first, began = self.it, time.monotonic()
-                for real in epoch_batches(self.data, opt.batchSize, opt.manualSeed, self.epoch, self.it, self.ranks.rank,
-                                          self.ranks.world, opt.workers, self.device, self.memory_format):
+                for real in epoch_batches(self.data, opt.batchSize, opt.manualSeed, self.epoch, self.it, ranks.rank,
+                                          ranks.world, opt.workers, self.device, self.memory_format):
                     self.train_one(real)
                     self.step, self.it = self.step + 1, self.it + 1
                     if self.it % opt.log_every == 0 or self.it == self.per_epoch or self.step == total:
                         self.log_progress(total)
                     late = bool(opt.save_minutes) and time.monotonic() - self.last_save > 60 * opt.save_minutes
-                    signum, save_now = self.ranks.max([signals.first, int(late)])  # every rank decides alike
-                    if signum:
+                    signum, save_now = ranks.max([signals.first, int(late)])  # every rank decides alike
+                    if signum or save_now or (opt.save_every and self.step % opt.save_every == 0):
                         self.save()
+                    if signum:
                         self.log(f"stopped by signal {signum} at epoch {self.epoch}, iteration {self.it}; continue "
                                  f"with --resume (checkpoint {self.ckpt_path})", flush=True)
                         return 128 + signum
-                    if save_now or (opt.save_every and self.step % opt.save_every == 0):
-                        self.save()
                     if self.step == total:
                         break
                 if self.it == self.per_epoch and not opt.dry_run:
@@ -965,10 +954,16 @@ class Run:
             self.save(finished=0)
         elif self.it:  # mid-epoch
             self.save()
-            self.log(f"stopped after {self.step - self.first_step} iterations (--max-steps); checkpoint {self.ckpt_path}")
+            self.log(f"stopped after {self.step - self.first_step} iterations (--max-steps); {self.ckpt_path} saved")
             return 0
-        self.log(f"done: {self.step} iterations; samples, weights{'' if opt.dry_run else ' and checkpoint'} in {opt.outf}")
+        self.log(f"done: {self.step} iterations; samples, weights{'' if opt.dry_run else ', checkpoint'} in {opt.outf}")
         return 0
+
+    def end_epoch(self, iterations, seconds):
+        rate = iterations * self.opt.batchSize * self.ranks.world / seconds
+        self.log(f"epoch {self.epoch} done: {iterations} iterations in {seconds:.1f} s ({rate:.0f} img/s)")
+        self.epoch, self.it = self.epoch + 1, 0
+        self.save(finished=self.epoch - 1)
 
     def begin(self):
         """The first files (a grid of training images for a new run; losses.csv, after a resume as of the
@@ -982,12 +977,11 @@ class Run:
         self.ranks.on_main(atomic_write, os.path.join(opt.outf, "losses.csv"), lambda f: f.write(rows))
         if self.resume_path is not None:
             self.log(f"resumed from {self.resume_path} at epoch {self.epoch}, iteration {self.it} (step {self.step})")
-        kept = f"decoded once, in {data.device} memory" if isinstance(data, torch.Tensor) else \
-            f"decoded each epoch by {opt.workers} workers"
-        self.log(f"{opt.dataset}: {len(data)} images of {self.nc}x{opt.imageSize}x{opt.imageSize}, {kept}; device "
-                 f"{self.device}, {world} process(es), global batch {opt.batchSize * world}, precision "
-                 f"{str(self.dtype).replace('torch.', '') if self.dtype else 'fp32'}, channels_last "
-                 f"{self.channels_last}, compile {bool(opt.compile)}, CUDA graph {self.cuda_graph}")
+        kept = "decoded once" if isinstance(data, torch.Tensor) else f"decoded each epoch by {opt.workers} workers"
+        precision = "fp32" if self.dtype is None else opt.amp
+        self.log(f"{opt.dataset}: {len(data)} images of {self.nc}x{opt.imageSize}x{opt.imageSize}, {kept}; "
+                 f"{self.device}, {world} process(es), global batch {opt.batchSize * world}, {precision}, "
+                 f"channels_last {self.channels_last}, compile {opt.compile}, CUDA graph {self.cuda_graph}")
         self.last_save = self.tick = time.monotonic()
         self.tick_step = self.first_step = self.step
 
@@ -1066,12 +1060,6 @@ class Run:
         if not opt.dry_run:
             atomic_write(self.ckpt_path, lambda f: torch.save(ckpt, f))
 
-    def end_epoch(self, iterations, seconds):
-        self.log(f"epoch {self.epoch} done: {iterations} iterations in {seconds:.1f} s "
-                 f"({iterations * self.opt.batchSize * self.ranks.world / max(seconds, 1e-9):.0f} img/s)")
-        self.epoch, self.it = self.epoch + 1, 0
-        self.save(finished=self.epoch - 1)
-
 
 # ------------------------------------------------------------------------------------------------
 # The command line: the flags, the commands that make images without training, main
@@ -1097,51 +1085,49 @@ RATE, FRACTION = checked(float, lambda v: math.isfinite(v) and v > 0, "a positiv
 
 
 def build_parser():
-    p = Parser(description="Train a DCGAN (Radford et al. 2015) or make images with a trained one.")
+    p = Parser(description="Train a DCGAN (Radford et al. 2015) or make images with a trained one.",
+               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     # The flags of pytorch/examples dcgan/main.py, same names and meanings, so that its command lines work here
-    a("--dataset", default="celeba",
-      choices=["celeba", "folder", "imagenet", "lfw", "cifar10", "mnist", "lsun", "fake", "synthetic"],
-      help="data set; imagenet and lfw are folder data sets, synthetic needs no download (default: %(default)s)")
+    a("--dataset", default="celeba", choices=["celeba", "folder", "imagenet", "lfw", "cifar10", "mnist", "lsun",
+                                              "fake", "synthetic"], help="imagenet and lfw are folder data sets")
     a("--dataroot", help="path to the data set (not needed for fake and synthetic)")
-    a("--workers", type=COUNT, default=2, help="data loading worker processes (default: %(default)s)")
-    a("--batchSize", type=POSITIVE, default=128, help="batch size a process (default: %(default)s)")
-    a("--imageSize", type=int, default=64, choices=[16, 32, 64, 128, 256], help="height and width (default: 64)")
-    a("--nz", type=POSITIVE, default=100, help="size of the latent z vector (default: %(default)s)")
-    a("--ngf", type=POSITIVE, default=64, help="generator width (default: %(default)s)")
-    a("--ndf", type=POSITIVE, default=64, help="discriminator width (default: %(default)s)")
-    a("--niter", type=POSITIVE, default=25, help="number of epochs to train for (default: %(default)s)")
-    a("--lr", type=RATE, default=0.0002, help="Adam learning rate (default: %(default)s)")
-    a("--beta1", type=FRACTION, default=0.5, help="Adam beta1 (default: %(default)s)")
+    a("--workers", type=COUNT, default=2, help="data loading worker processes")
+    a("--batchSize", type=POSITIVE, default=128, help="batch size a process")
+    a("--imageSize", type=int, default=64, choices=[16, 32, 64, 128, 256], help="height and width")
+    a("--nz", type=POSITIVE, default=100, help="size of the latent z vector")
+    a("--ngf", type=POSITIVE, default=64, help="generator width")
+    a("--ndf", type=POSITIVE, default=64, help="discriminator width")
+    a("--niter", type=POSITIVE, default=25, help="number of epochs to train for")
+    a("--lr", type=RATE, default=0.0002, help="Adam learning rate")
+    a("--beta1", type=FRACTION, default=0.5, help="Adam beta1")
     a("--dry-run", action="store_true", help="run a single training iteration, then save and exit")
-    a("--ngpu", type=POSITIVE, default=1, help="number of GPUs to use through nn.DataParallel (default: %(default)s)")
+    a("--ngpu", type=POSITIVE, default=1, help="number of GPUs to use through nn.DataParallel")
     a("--netG", default="", help="generator weights to start from (or to --generate with)")
     a("--netD", default="", help="discriminator weights to start from")
-    a("--outf", default="out", help="folder for samples, weights, checkpoint and logs (default: %(default)s)")
-    a("--manualSeed", type=COUNT, default=999, help="seed for weights, data order and noise (default: %(default)s)")
-    a("--classes", default="bedroom", help="comma-separated LSUN classes (default: %(default)s)")
+    a("--outf", default="out", help="folder for samples, weights, checkpoint and logs")
+    a("--manualSeed", type=COUNT, default=999, help="seed for weights, data order and noise")
+    a("--classes", default="bedroom", help="comma-separated LSUN classes")
     a("--accel", action="store_true", help="use the current accelerator (torch.accelerator)")
     a("--cuda", action="store_true", help="use CUDA")
-    # Added here
-    a("--device", default="", help="device to use, e.g. cpu, cuda, cuda:1, mps, xpu (default: best present)")
+    a("--device", default="", help="device to use, e.g. cpu, cuda, cuda:1, mps, xpu (default: best present)")  # ours
     a("--amp", default="auto", choices=["auto", "off", "bf16", "fp16"], help="mixed precision; auto is fp32")
     a("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile G and D")
     a("--cuda-graphs", action=argparse.BooleanOptionalAction, help="each step as one CUDA graph (default: one GPU)")
     a("--channels-last", action=argparse.BooleanOptionalAction, help="(default: CUDA and CPU, not with --compile)")
     a("--preload", action=argparse.BooleanOptionalAction, help="decode the data set once (default: on)")
     a("--cache-dir", default=os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "dcgan"),
-      help="where decoded data sets are kept between runs, '' for none (default: %(default)s)")
+      help="where decoded data sets are kept, '' for none")
     a("--lr-d", type=RATE, help="D's Adam learning rate, if not --lr")
     a("--lr-g", type=RATE, help="G's Adam learning rate, if not --lr")
-    a("--real-label", type=checked(float, lambda v: 0.5 < v <= 1, "in (0.5, 1]"), default=1.0,
-      help="D's target for real images; 0.9 is one-sided label smoothing (default: %(default)s)")
+    a("--real-label", type=checked(float, lambda v: 0.5 < v <= 1, "in (0.5, 1]"), default=1.0, help="D's target "
+      "for real images; 0.9 is one-sided label smoothing")
     a("--ema", type=FRACTION, default=0.0, metavar="DECAY", help="also keep a moving average of G, e.g. 0.999")
-    a("--sample-bn", default="batch", choices=["batch", "eval"], help="BatchNorm statistics when sampling: each "
-      "batch's own, as in training, or the running ones (default: %(default)s)")
-    a("--log-every", type=POSITIVE, default=50, help="log every N iterations (default: %(default)s)")
+    a("--sample-bn", default="batch", choices=["batch", "eval"], help="BatchNorm statistics when sampling")
+    a("--log-every", type=POSITIVE, default=50, help="log every N iterations")
     a("--save-every", type=COUNT, default=0, help="also save the checkpoint every N iterations (0: off)")
-    a("--save-minutes", type=checked(float, lambda v: v >= 0, "0 or more"), default=10.0,
-      help="also save the checkpoint every N minutes, 0 for never (default: %(default)s)")
+    a("--save-minutes", type=checked(float, lambda v: v >= 0, "0 or more"), default=10.0, help="also save every N "
+      "minutes, 0 for never")
     a("--max-steps", type=COUNT, default=0, help="stop (and save) after N iterations in this run (0: no limit)")
     a("--resume", nargs="?", const="", metavar="PATH", help="continue from a checkpoint (default: OUTF/checkpoint.pt)")
     a("--generate", type=COUNT, default=0, metavar="N", help="write N images from --netG into OUTF/generated/ and exit")
@@ -1163,42 +1149,49 @@ def parse_args(argv=None):
     return opt
 
 
+def generated(netG, n, batch_stats, generator):
+    """n images of G as uint8, rounded as save_image rounds, drawn in whole batches of 256 (the last one too): each
+    image sees the statistics of a full batch."""
+    for start in range(0, n, 256):
+        z = torch.randn(256, netG.main[0].in_channels, 1, 1, device=generator.device, generator=generator)
+        images = sample(netG, z, batch_stats)[:n - start].float().cpu()
+        yield images.add(1).mul(127.5).add(0.5).clamp(0, 255).to(torch.uint8)
+
+
 def make_images(opt, device):
-    """--generate N: N PNGs (what FID tools read) and a grid, in whole batches of 256, the last one too, so each
-    image sees the statistics of a full batch. --interpolate N: N rows of 10 images, G along the arc between
-    two random z. --export-real N: N training images as the networks see them, the real side of an FID."""
+    """--generate: N PNGs (what FID tools read) and a grid. --interpolate: N rows of 10 images, G along the arc
+    between two random z. --export-real: N training images as the networks see them, the real side of an FID."""
     if opt.export_real:
         dataset, _, _ = build_dataset(opt, Ranks())
         order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(opt.manualSeed))
         folder = os.path.join(opt.outf, "real")
         write_png_folder(folder, uint8_batches(dataset, order[:opt.export_real].tolist(), 256, opt.workers))
-        return print(f"wrote {min(opt.export_real, len(dataset))} training images to {folder}/")
+        print(f"wrote {min(opt.export_real, len(dataset))} training images to {folder}/")
+        return
     netG, g = load_generator(opt).to(device), torch.Generator(device).manual_seed(opt.manualSeed)
-    nz, batch_stats, path = netG.main[0].in_channels, opt.sample_bn == "batch", os.path.join(opt.outf, "interpolation.png")
     if opt.interpolate:
+        path = os.path.join(opt.outf, "interpolation.png")
         prepare_outf(opt.outf)
-        save_grid(sample(netG, latent_walks(opt.interpolate, 10, nz, g), batch_stats).float().cpu(), path, nrow=10)
-        return print(f"wrote {opt.interpolate} latent walks of 10 steps to {path}")
-    batches = (sample(netG, torch.randn(256, nz, 1, 1, device=device, generator=g), batch_stats)[:opt.generate - start]
-               .float().cpu().add(1).mul(127.5).add(0.5).clamp(0, 255).to(torch.uint8)  # rounded as save_image rounds
-               for start in range(0, opt.generate, 256))
-    folder, path = os.path.join(opt.outf, "generated"), os.path.join(opt.outf, "generated_grid.png")
-    save_grid(write_png_folder(folder, batches), path)
-    print(f"wrote {opt.generate} images to {folder}/ and a grid to {path}")
+        walks = latent_walks(opt.interpolate, 10, netG.main[0].in_channels, g)  # (N * 10, nz, 1, 1)
+        save_grid(sample(netG, walks, opt.sample_bn == "batch").float().cpu(), path, nrow=10)
+        print(f"wrote {opt.interpolate} latent walks of 10 steps to {path}")
+    else:
+        folder, path = os.path.join(opt.outf, "generated"), os.path.join(opt.outf, "generated_grid.png")
+        save_grid(write_png_folder(folder, generated(netG, opt.generate, opt.sample_bn == "batch", g)), path)
+        print(f"wrote {opt.generate} images to {folder}/ and a grid to {path}")
 
 
 def main(argv=None):
     """Runs the command line; returns the exit code. A mistake in the user's input prints one line to stderr
     (under torchrun from rank 0 alone) and returns a code from the table in README."""
     try:
-        try:
-            opt = parse_args(argv)
-        except Fail as e:  # every rank sees the same mistake in the flags
-            raise Fail(e.code, str(e), quiet=os.environ.get("RANK", "0") != "0")
+        opt = parse_args(argv)  # (every rank sees the same mistake in the flags)
         device, ranks = setup_processes(opt)
         try:
             if opt.generate or opt.interpolate or opt.export_real:  # one process does these
-                return 0 if not ranks.main else make_images(opt, device) or 0
+                if ranks.main:
+                    make_images(opt, device)
+                return 0
             # Set up (a mistake in the flags, files or data on any rank ends every rank with one line), load the
             # data, start or resume, loop
             run = ranks.run(Run, opt, device, ranks)
