@@ -230,16 +230,16 @@ def synthetic_faces(n, size, nc=3, seed=0):
 
 
 def face_crop(img):
-    """CelebA's aligned pictures are 178x218, the face in the middle: keep the centre square of 108/178 of the
-    width (108x108 at full size, as the original DCGAN setups), at any scale. A picture of another shape (a
-    CelebA someone already cropped square) is left whole, never padded."""
+    """CelebA's aligned 178x218 pictures: the centre square of 108/178 of the width, the face, at any scale (as the
+    original DCGAN setups). A picture of another shape (a CelebA already cropped square) is left whole."""
     h, w = img.shape[-2:]
     return img if abs(h / w - 218 / 178) > 0.03 else v2.functional.center_crop(img, round(w * 108 / 178))
 
 
 def image_transform(dataset, size):
     """CelebA's face crop, then, as in pytorch/examples, the short side resized and the centre cropped."""
-    return v2.Compose([face_crop] * (dataset == "celeba") + [v2.Resize(size, antialias=True), v2.CenterCrop(size)])
+    crop = [face_crop] if dataset == "celeba" else []
+    return v2.Compose(crop + [v2.Resize(size, antialias=True), v2.CenterCrop(size)])
 
 
 def decode_image(path, nc):
@@ -255,9 +255,8 @@ def decode_image(path, nc):
 
 
 class Images(torch.utils.data.Dataset):
-    """uint8 images from a list of files, or from a torchvision data set (cifar10, mnist, lsun) without its
-    labels. An unreadable file is None, or with substitute (training from the files, in full batches) named
-    and replaced by the next readable one: None after 100 in a row."""
+    """uint8 images from files, or a torchvision data set's without labels. An unreadable file is None, or with
+    substitute (training from the files, in full batches) named and replaced by the next: None after 100."""
 
     def __init__(self, items, nc, transform, substitute=True):
         self.items, self.nc, self.transform, self.substitute = items, nc, transform, substitute
@@ -278,12 +277,13 @@ class Images(torch.utils.data.Dataset):
 
 
 def list_images(root):
-    """Every image file under root, sorted, hidden folders left out; a linked folder is followed once."""
+    """Every image file under root, sorted, hidden folders left out; links are followed, not back into a folder
+    already walked (a cycle)."""
     paths, seen = [], set()
     for folder, dirs, files in os.walk(root, followlinks=True):
         seen.add(os.path.realpath(folder))
         dirs[:] = [d for d in sorted(dirs) if not d.startswith(".")
-                   and os.path.realpath(os.path.join(folder, d)) not in seen]  # a link back up: a cycle
+                   and os.path.realpath(os.path.join(folder, d)) not in seen]
         paths += [os.path.join(folder, f) for f in sorted(files) if f.lower().endswith(IMAGE_EXTENSIONS)]
     return paths
 
@@ -331,9 +331,8 @@ def open_torchvision(kind, root, classes):
 
 
 def load_data(opt, dataset, key, nc, device, ranks, log):
-    """The data set decoded once into a uint8 tensor (N, C, S, S), or with --no-preload the data set itself. With
-    --cache-dir the tensor is a file there, memory-mapped, so memory use does not grow with the data set (CelebA
-    at 256x256 is 37 GiB). On a GPU it moves there when it fits in half of the free memory."""
+    """The data set decoded once into a uint8 tensor (N, C, S, S), memory-mapped from --cache-dir so that memory
+    use does not grow with the data set, else in memory; with --no-preload the data set itself."""
     if isinstance(dataset, torch.Tensor):
         data = dataset
     elif opt.preload is False:
@@ -392,10 +391,11 @@ def decode_all(dataset, workers, log, out):
     loader = torch.utils.data.DataLoader(dataset, batch_size=256, num_workers=workers, collate_fn=stack_readable)
     bad, done, good, last = [], 0, 0, time.monotonic()
     for chunk, unreadable in loader:
-        out[good:good + len(chunk)] = chunk
-        good += len(chunk)
+        if chunk is not None:
+            out[good:good + len(chunk)] = chunk
+            good += len(chunk)
         bad += [dataset.items[done + i] for i in unreadable]
-        done += len(chunk) + len(unreadable)
+        done += len(unreadable) + (0 if chunk is None else len(chunk))
         if time.monotonic() - last > 5 or done == len(dataset):
             log(f"decoding the data set once: {done}/{len(dataset)} images ({100 * done // len(dataset)}%)")
             last = time.monotonic()
@@ -410,8 +410,7 @@ def decode_all(dataset, workers, log, out):
 def stack_readable(items):
     """The readable images in one tensor (one block of shared memory a batch), and where the others were."""
     good = [x for x in items if x is not None]
-    unreadable = [i for i, x in enumerate(items) if x is None]
-    return torch.stack(good) if good else torch.empty(0, dtype=torch.uint8), unreadable
+    return torch.stack(good) if good else None, [i for i, x in enumerate(items) if x is None]
 
 
 def uint8_batches(data, order, batch_size, workers=0, pin_memory=False):
@@ -428,9 +427,8 @@ def uint8_batches(data, order, batch_size, workers=0, pin_memory=False):
 
 def epoch_batches(data, batch_size, seed, epoch, start=0, rank=0, world=1, workers=0, device=torch.device("cpu"),
                   memory_format=torch.contiguous_format):
-    """This rank's batches of an epoch from batch `start` on, as float images in [-1, 1] on the device. The
-    order comes from (seed, epoch) alone, so a resumed run sees what an uninterrupted one would; under DDP each
-    rank takes its share, as DistributedSampler does. Incomplete batches are dropped: BatchNorm sees full ones."""
+    """This rank's share of an epoch from batch `start` on, float images in [-1, 1] on the device, in an order
+    from (seed, epoch) alone, so that a resumed run sees the same; full batches only, for BatchNorm."""
     sampler = torch.utils.data.DistributedSampler(range(len(data)), world, rank, seed=seed, drop_last=True)
     sampler.set_epoch(epoch)
     order = list(sampler)[start * batch_size:len(sampler) // batch_size * batch_size]
@@ -451,9 +449,8 @@ def remove(path):
 
 @contextlib.contextmanager
 def replacing(path, hint="free disk space or fix the permissions of its folder (the previous file there is intact)"):
-    """Yields a temporary name beside path (a file or a folder), renamed over path after the block. A failure
-    removes the temporary; the disk's (full, quota, permissions, also inside torch.save, which raises its own
-    error around the file's) is one line, any other passes as it is."""
+    """Yields a temporary name beside path, renamed over it after the block. A failure removes the temporary; the
+    disk's (full, quota, permissions, also inside torch.save, which wraps it) is one line, any other passes."""
     folder, name = os.path.split(path)
     tmp = os.path.join(folder, f".{name}.{socket.gethostname()}.tmp")  # nodes may share a cache folder
     try:
@@ -721,9 +718,8 @@ def setup_processes(opt):
 
 
 class Signals:
-    """SIGINT and SIGTERM (how clusters pre-empt jobs). The first is noted: the loop saves after the step and
-    exits 128 + signal. A second ends the process at once, unsaved, even while it waits in a collective or a
-    save: the C-level handler writes each signal to a socket, which a thread reads."""
+    """SIGINT and SIGTERM (how clusters pre-empt jobs): the first is noted, and the loop saves and exits. A second
+    ends the process at once, even in a collective: the C-level handler writes it to a socket a thread reads."""
 
     def __enter__(self):
         self.first, self.kinds = 0, (signal.SIGINT, signal.SIGTERM)
@@ -1016,10 +1012,9 @@ class Run:
                                    f"last good checkpoint: {self.last_good or 'none yet'}; try a lower --lr")
 
     def watch_for_collapse(self, d_g_z, loss_g, stretch=200):
-        """The two ways a DCGAN run fails while its losses stay finite, each said once with what to try and named
-        in losses.csv: D wins outright (D(G(z)) below 0.01 for `stretch` iterations: G's gradient has all but
-        vanished), or the fixed noise's samples stop varying (per-pixel spread below a tenth of the data's:
-        mode collapse, checked from iteration 200)."""
+        """Two ways a run fails while its losses stay finite, each said once and named in losses.csv: D wins
+        outright (D(G(z)) below 0.01 for `stretch` iterations: G's gradient has all but vanished), or the fixed
+        noise's samples stop varying (spread below a tenth of the data's: mode collapse, from iteration 200)."""
         self.d_wins_since = (self.d_wins_since or self.step) if d_g_z < 0.01 else None
         kinds = []
         if self.d_wins_since is not None and self.step - self.d_wins_since >= stretch:

@@ -488,6 +488,15 @@ def test_the_cache_key_does_not_depend_on_how_dataroot_is_spelled(tmp_path, caps
     assert len(os.listdir(cache)) == 1
 
 
+def test_a_batch_of_nothing_but_unreadable_files_is_counted_too(tmp_path, capsys):
+    d = make_images(tmp_path / "imgs", 300, size=(20, 20))
+    for i in range(300):
+        (d / f"zz{i:03d}.jpg").write_bytes(b"garbage")  # after the good ones: the third batch of 256 holds no image
+    code = run_main(["--dataset", "folder", "--dataroot", d, "--outf", tmp_path / "out", "--cache-dir", "", *TINY])
+    err = capsys.readouterr().err
+    assert code == dcgan.EXIT_DATA and "300 of 600 images in --dataroot could not be read" in err, err[-2000:]
+
+
 def test_decoded_data_set_is_cached_and_redone_when_the_folder_changes(tmp_path, capsys, image_folder):
     d = image_folder(40)
     cache = tmp_path / "cache"
