@@ -7,8 +7,8 @@ Convolutional Generative Adversarial Networks", 2015 (arXiv:1511.06434).
   python dcgan.py --resume --dataroot celeba --cuda                             # continue out/checkpoint.pt
   python dcgan.py --generate 1000 --netG out/checkpoint.pt --outf fid           # images, no training
 
-The lesson comes first: G, D, their initialisation, one training iteration, sampling. The machinery
-follows in the order a run uses it. README has the measurements behind each default.
+The lesson comes first (G, D, their initialisation, one training iteration, sampling), then the machinery in
+the order a run uses it. README has the measurements behind each default.
 """
 import argparse
 import contextlib
@@ -18,7 +18,6 @@ import datetime
 import glob
 import hashlib
 import inspect
-import io
 import math
 import os
 import shutil
@@ -35,13 +34,11 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
-import torchvision.utils as vutils
 from PIL import Image
 from torchvision.transforms import v2
 
 
-# ------------------------------------------------------------------------------------------------
-# The networks (paper, section 3): all-convolutional, BatchNorm, ReLU in G with Tanh at the output,
+# ---- The networks (paper, section 3): all-convolutional, BatchNorm, ReLU in G with Tanh at the output,
 # LeakyReLU(0.2) in D, no pooling, no fully connected hidden layers. The number of blocks follows
 # log2(image size); at 64x64 both equal pytorch/examples layer for layer, state-dict keys included
 # (main.0.weight, ...), so its .pth files load here.
@@ -101,13 +98,11 @@ def weights_init(m):
         nn.init.zeros_(m.bias)
 
 
-# ------------------------------------------------------------------------------------------------
-# One training iteration (Goodfellow et al. 2014, algorithm 1 with k = 1; paper, section 4). The
+# ---- One training iteration (Goodfellow et al. 2014, algorithm 1 with k = 1; paper, section 4). The
 # optimizers are Adam with lr 0.0002 and beta1 0.5: the default 0.9 made training oscillate.
 def train_step(netG, netD, optG, optD, real, z, real_label=1.0, dtype=None, scaler=None):
-    """One update of D, then one of G, on real images in [-1, 1] (B, nc, S, S) and noise z (B, nz, 1, 1).
-    dtype None is fp32; torch.bfloat16 or torch.float16 run the networks under autocast, fp16 with a GradScaler
-    as scaler (without one, scaler.scale(loss).backward() and scaler.step(opt) are a plain backward and step).
+    """One update of D, then one of G, on real images in [-1, 1] (B, nc, S, S) and noise z (B, nz, 1, 1). dtype
+    bf16 or fp16 runs the networks under autocast, fp16 with a GradScaler (else scaler's calls are plain ones).
     Returns Loss_D, Loss_G, D(x), D(G(z)) before and after D's update, in one tensor left on the device."""
     scaler = scaler or torch.amp.GradScaler(real.device.type, enabled=False)
     autocast = torch.autocast(real.device.type, dtype=dtype, enabled=dtype is not None)
@@ -147,24 +142,19 @@ def train_step(netG, netD, optG, optD, real, z, real_label=1.0, dtype=None, scal
         return torch.stack([loss_d, loss_g, *(torch.sigmoid(x).mean() for x in (out_real, out_fake, out_g))])
 
 
-# ------------------------------------------------------------------------------------------------
-# Sampling: images from z, an averaged G, walks through the latent space
+# ---- Sampling: images from z, an averaged G, walks through the latent space
 @torch.no_grad()
 def sample(netG, z, batch_stats=True):
-    """G(z) for viewing, G left untouched. batch_stats (the default, as measured: README): BatchNorm uses this
-    batch's statistics, as in training and in pytorch/examples; else the running ones (each image its own)."""
-    was_training = netG.training
-    images = (copy.deepcopy(netG).train() if batch_stats else netG.eval())(z)
-    netG.train(was_training)
-    return images
+    """G(z) for viewing, from a copy of G that leaves G untouched. batch_stats (the default, as measured: README):
+    BatchNorm uses this batch's statistics, as in training and in pytorch/examples; else the running ones."""
+    return copy.deepcopy(netG).train(batch_stats)(z)
 
 
 @torch.no_grad()
 def update_average(averaged, current, step, decay):
     """averaged = d * averaged + (1 - d) * current, d = min(decay, (1 + t) / (10 + t)) at step t, so that a short
     run is not pulled back to the random initial weights. t is on the device: no host sync, fine in a graph."""
-    t = step.float()
-    d = torch.clamp((1 + t) / (10 + t), max=decay)
+    d = torch.clamp((1 + step) / (10 + step), max=decay)
     torch._foreach_mul_(averaged, d)
     torch._foreach_add_(averaged, torch._foreach_mul(current, 1 - d))
 
@@ -186,26 +176,23 @@ def latent_walks(rows, steps, nz, generator):
     return slerp(ends[0].repeat_interleave(steps, 0), ends[1].repeat_interleave(steps, 0), t)
 
 
-# ------------------------------------------------------------------------------------------------
-# The machinery. A mistake a person can act on raises Fail: main() prints its one line and exits
+# ---- The machinery. A mistake a person can act on raises Fail: main() prints its one line and exits
 # with its code (README has the table).
 EXIT_USAGE, EXIT_DATA, EXIT_FILE, EXIT_DEVICE, EXIT_OUTPUT, EXIT_DIVERGED = 2, 3, 4, 5, 6, 7
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm")
 
 
 class Fail(Exception):
-    def __init__(self, code, message, quiet=None):
+    def __init__(self, code, message):
         super().__init__(message)
-        self.code = code
-        self.quiet = os.environ.get("RANK", "0") != "0" if quiet is None else quiet  # rank 0 prints, under torchrun
+        self.code, self.quiet = code, os.environ.get("RANK", "0") != "0"  # under torchrun rank 0 alone prints
 
 
 def warn(message):
     print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
-# ------------------------------------------------------------------------------------------------
-# Data: every data set yields uint8 images (C, S, S), scaled to [-1, 1] on the device
+# ---- Data: every data set yields uint8 images (C, S, S), scaled to [-1, 1] on the device
 def synthetic_faces(n, size, nc=3, seed=0):
     """Learnable face-like images, seeded: a head, two eyes and a mouth, varied in colour, size and place."""
     g = torch.Generator().manual_seed(seed)
@@ -230,8 +217,7 @@ def synthetic_faces(n, size, nc=3, seed=0):
 
 
 def face_crop(img):
-    """CelebA's aligned 178x218 pictures: the centre square of 108/178 of the width, the face, at any scale (as the
-    original DCGAN setups). A picture of another shape (a CelebA already cropped square) is left whole."""
+    """CelebA's aligned 178x218 pictures cut to the face, the centre 108/178 of the width; other shapes left whole."""
     h, w = img.shape[-2:]
     return img if abs(h / w - 218 / 178) > 0.03 else v2.functional.center_crop(img, round(w * 108 / 178))
 
@@ -243,20 +229,14 @@ def image_transform(dataset, size):
 
 
 def decode_image(path, nc):
-    """uint8 (nc, H, W) from any file PIL reads, in any mode; None when it is not a readable image."""
-    try:
-        with Image.open(path) as im:
-            if im.mode.startswith("I"):  # 16-bit grey: PIL's convert() would clip it to white
-                x = v2.functional.pil_to_tensor(im.convert("I")).clamp(0, 65535)
-                return ((x * 255 + 32767) // 65535).to(torch.uint8).repeat(nc, 1, 1)
-            return v2.functional.pil_to_tensor(im.convert("L" if nc == 1 else "RGB"))
-    except Exception:
-        return None
+    """uint8 (nc, H, W) from any file PIL reads (16-bit grey comes out clipped); None if it is not an image."""
+    with contextlib.suppress(Exception), Image.open(path) as im:
+        return v2.functional.pil_to_tensor(im.convert("L" if nc == 1 else "RGB"))
+    return None
 
 
 class Images(torch.utils.data.Dataset):
-    """uint8 images from files, or a torchvision data set's without labels. An unreadable file is None, or with
-    substitute (training from the files, in full batches) named and replaced by the next: None after 100."""
+    """uint8 images from files or a torchvision set; an unreadable file is None or (substitute) the next readable."""
 
     def __init__(self, items, nc, transform, substitute=True):
         self.items, self.nc, self.transform, self.substitute = items, nc, transform, substitute
@@ -277,20 +257,17 @@ class Images(torch.utils.data.Dataset):
 
 
 def list_images(root):
-    """Every image file under root, sorted, hidden folders left out; links are followed, not back into a folder
-    already walked (a cycle)."""
+    """Every image file under root, sorted, hidden folders left out; links followed, never into a cycle."""
     paths, seen = [], set()
     for folder, dirs, files in os.walk(root, followlinks=True):
         seen.add(os.path.realpath(folder))
-        dirs[:] = [d for d in sorted(dirs) if not d.startswith(".")
-                   and os.path.realpath(os.path.join(folder, d)) not in seen]
+        dirs[:] = [d for d in sorted(dirs) if d[0] != "." and os.path.realpath(os.path.join(folder, d)) not in seen]
         paths += [os.path.join(folder, f) for f in sorted(files) if f.lower().endswith(IMAGE_EXTENSIONS)]
     return paths
 
 
 def build_dataset(opt, ranks):
-    """(data set of uint8 images, channels, cache key or None). The key names the data set at one size: it
-    changes with the files (names, sizes, times), not with how --dataroot is spelled."""
+    """(uint8 images, channels, cache key): the key follows the files (names, sizes, times), not its path's spelling."""
     size, kind, root, nc = opt.imageSize, opt.dataset, opt.dataroot, 1 if opt.dataset == "mnist" else 3
     if kind == "synthetic":
         return synthetic_faces(8192, size, 3, seed=opt.manualSeed), 3, None
@@ -331,27 +308,21 @@ def open_torchvision(kind, root, classes):
 
 
 def load_data(opt, dataset, key, nc, device, ranks, log):
-    """The data set decoded once into a uint8 tensor (N, C, S, S), memory-mapped from --cache-dir so that memory
-    use does not grow with the data set, else in memory; with --no-preload the data set itself."""
+    """The data set decoded once into uint8 (N, C, S, S), memory-mapped from --cache-dir, else in memory."""
     if isinstance(dataset, torch.Tensor):
         data = dataset
     elif opt.preload is False:
         return dataset
     else:
-        shape = (len(dataset), nc, opt.imageSize, opt.imageSize)
-        write = ranks.local_rank == 0
+        shape, write = (len(dataset), nc, opt.imageSize, opt.imageSize), ranks.local_rank == 0
         data = ranks.local_first(lambda: cached_decode(opt, dataset, key, shape, log, write)) if opt.cache_dir else None
-        if data is None:
-            data = torch.empty(shape, dtype=torch.uint8)
-            data = data[:decode_all(dataset, opt.workers, log, data)]
-    if device.type == "cuda" and data.nbytes < torch.cuda.mem_get_info(device)[0] // 2:
-        return data.to(device)
-    return data
+        if data is None:  # decoded into memory
+            data = (out := torch.empty(shape, dtype=torch.uint8))[:decode_all(dataset, opt.workers, log, out)]
+    return data.to(device) if device.type == "cuda" and data.nbytes < torch.cuda.mem_get_info(device)[0] // 2 else data
 
 
 def cached_decode(opt, dataset, key, shape, log, write):
-    """--cache-dir/KEY.u8 (raw uint8 images) memory-mapped, decoded there first if `write` (local rank 0; the
-    node's other ranks wait, then map it). None, with a warning, when it cannot be written."""
+    """--cache-dir/KEY.u8 memory-mapped, decoded there first if `write` (local rank 0); None if it cannot be."""
     item, path = math.prod(shape[1:]), os.path.join(opt.cache_dir, f"{key}.u8")
     if os.path.isfile(path):
         log(f"data set: {os.path.getsize(path) // item} images, memory-mapped from cache {path}")
@@ -362,20 +333,18 @@ def cached_decode(opt, dataset, key, shape, log, write):
     try:
         with replacing(path, instead) as tmp:
             os.makedirs(opt.cache_dir, exist_ok=True)
-            with open(tmp, "wb") as f:  # take the room now: a disk that fills under a mapped file kills the process
+            with open(tmp, "wb+") as f:  # take the room now: a disk that fills under a mapped file kills the process
                 reserve = getattr(os, "posix_fallocate", None) or (lambda fd, _, size: os.ftruncate(fd, size))
                 reserve(f.fileno(), 0, shape[0] * item)
-            os.truncate(tmp, decode_all(dataset, opt.workers, log, mapped(tmp, shape, shared=True)) * item)
-            with open(tmp, "rb+") as f:
+                f.truncate(decode_all(dataset, opt.workers, log, mapped(tmp, shape, shared=True)) * item)
                 os.fsync(f.fileno())
     except Fail as e:
         if e.code != EXIT_OUTPUT:
             raise
         warn(str(e))  # no room, no permission: go on without the cache
         return None
-    for old in glob.glob(os.path.join(glob.escape(opt.cache_dir), key.rsplit("-", 1)[0] + "-*.u8")):
-        if old != path:
-            remove(old)  # an older decode of the same folder at the same size
+    for old in set(glob.glob(os.path.join(glob.escape(opt.cache_dir), key.rsplit("-", 1)[0] + "-*.u8"))) - {path}:
+        remove(old)  # an older decode of the same folder at the same size
     log(f"cached the decoded data set in {path}, memory-mapped from there")
     return mapped(path, shape)
 
@@ -386,16 +355,14 @@ def mapped(path, shape, shared=False):
 
 def decode_all(dataset, workers, log, out):
     """The data set into out (N, C, S, S); returns the count. Unreadable files are named; over 1% stop the run."""
-    dataset = copy.copy(dataset)
-    dataset.substitute = False
+    dataset = Images(dataset.items, dataset.nc, dataset.transform, substitute=False)
     loader = torch.utils.data.DataLoader(dataset, batch_size=256, num_workers=workers, collate_fn=stack_readable)
     bad, done, good, last = [], 0, 0, time.monotonic()
     for chunk, unreadable in loader:
-        if chunk is not None:
-            out[good:good + len(chunk)] = chunk
-            good += len(chunk)
+        chunk = out[:0] if chunk is None else chunk  # (a batch of nothing but unreadable files)
+        out[good:good + len(chunk)] = chunk
         bad += [dataset.items[done + i] for i in unreadable]
-        done += len(unreadable) + (0 if chunk is None else len(chunk))
+        good, done = good + len(chunk), done + len(chunk) + len(unreadable)
         if time.monotonic() - last > 5 or done == len(dataset):
             log(f"decoding the data set once: {done}/{len(dataset)} images ({100 * done // len(dataset)}%)")
             last = time.monotonic()
@@ -437,14 +404,11 @@ def epoch_batches(data, batch_size, seed, epoch, start=0, rank=0, world=1, worke
         yield batch.to(device, non_blocking=True).float().div_(127.5).sub_(1).contiguous(memory_format=memory_format)
 
 
-# ------------------------------------------------------------------------------------------------
-# Files. Each is written to a temporary file beside it and renamed into place: a crash leaves the
+# ---- Files. Each is written to a temporary file beside it and renamed into place: a crash leaves the
 # old file or the new one, whole. Rank 0 alone writes into --outf.
 def remove(path):
-    try:
+    with contextlib.suppress(OSError):
         shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-    except OSError:
-        pass
 
 
 @contextlib.contextmanager
@@ -479,41 +443,34 @@ def atomic_write(path, write):
 
 
 def save_grid(images, path, nrow=8):
-    atomic_write(path, lambda f: vutils.save_image(images, f, format="png", nrow=nrow, normalize=True,
-                                                   value_range=(-1, 1)))
+    atomic_write(path, lambda f: torchvision.utils.save_image(images, f, "png", nrow=nrow, normalize=True,
+                                                              value_range=(-1, 1)))
 
 
 def prepare_outf(outf):
-    try:
+    with contextlib.suppress(OSError):
         os.makedirs(outf, exist_ok=True)
-        with open(os.path.join(outf, ".write-test.tmp"), "w"):
-            pass
-        os.remove(os.path.join(outf, ".write-test.tmp"))
-    except OSError as e:
-        raise Fail(EXIT_OUTPUT, f"--outf {outf} cannot be written ({e.strerror or e}); choose another folder")
+    if not (os.path.isdir(outf) and os.access(outf, os.W_OK)):  # said now, not after the data is loaded
+        raise Fail(EXIT_OUTPUT, f"--outf {outf} cannot be written (not a folder, or read-only); choose another --outf")
 
 
 def write_png_folder(folder, batches):
-    """Each uint8 image as folder/NNNNNN.png, in a temporary folder synced once and renamed when all are there:
-    fast for 50,000 images, never a half-filled folder. Returns the first 64 images, for a grid."""
+    """Each uint8 image as folder/NNNNNN.png, in a temporary folder renamed when full; returns 64 for a grid."""
     prepare_outf(os.path.dirname(folder))
     if os.path.isdir(folder) and os.listdir(folder):
         raise Fail(EXIT_OUTPUT, f"{folder} already holds files; choose another --outf")
-    count, grid = 0, []
+    grid = []
     with replacing(folder, "free disk space or choose another --outf") as tmp:
         os.makedirs(tmp)
-        for batch in batches:
-            for img in batch.permute(0, 2, 3, 1).squeeze(-1).numpy():  # (B, S, S, C), or (B, S, S) for grey
-                Image.fromarray(img).save(os.path.join(tmp, f"{count:06d}.png"))
-                count += 1
-            grid += batch[:64 - len(grid)]
+        for i, img in enumerate(img for batch in batches for img in batch):  # (C, S, S)
+            Image.fromarray(img.permute(1, 2, 0).squeeze(-1).numpy()).save(os.path.join(tmp, f"{i:06d}.png"))
+            grid += [img] if i < 64 else []
         if hasattr(os, "sync"):
             os.sync()  # every PNG on disk with one call, rather than one fsync a file
     return torch.stack(grid).float() / 127.5 - 1
 
 
 def all_finite(obj):
-    """Whether every float tensor inside nested dicts, lists and tuples is finite."""
     if isinstance(obj, torch.Tensor):
         return not obj.is_floating_point() or bool(torch.isfinite(obj).all())
     items = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else ()
@@ -584,54 +541,30 @@ def read_checkpoint(path, config):
         raise Fail(EXIT_FILE, f"--resume {path} is not a checkpoint written by dcgan.py (give OUTF/checkpoint.pt)")
     if ckpt["format"] != 1:
         raise Fail(EXIT_FILE, f"--resume {path} has checkpoint format {ckpt['format']}; this dcgan.py reads 1")
-    diff = [f"{k} {ckpt['config'].get(k)} saved vs {config[k]} requested"
-            for k in ARCHITECTURE if ckpt["config"].get(k) != config[k]]
+    saved = ckpt["config"]
+    diff = [f"{k} {saved.get(k)} saved vs {config[k]} requested" for k in ARCHITECTURE if saved.get(k) != config[k]]
     if diff:
         raise Fail(EXIT_FILE, f"--resume {path} was made with other settings: {'; '.join(diff)}; "
                               "pass the saved values or start a new --outf")
-    if ckpt["config"].get("world", 1) != config["world"]:
-        raise Fail(EXIT_FILE, f"--resume {path} was written by {ckpt['config'].get('world', 1)} process(es), this run "
+    if saved.get("world", 1) != config["world"]:
+        raise Fail(EXIT_FILE, f"--resume {path} was written by {saved.get('world', 1)} process(es), this run "
                               f"has {config['world']}: resume with as many (the shards and the noise depend on it)")
     return ckpt
 
 
-def csv_text(rows):
-    text = io.StringIO()
-    csv.writer(text, lineterminator="\n").writerows([f"{v:.6g}" if isinstance(v, float) else v for v in row]
-                                                    for row in rows)
-    return text.getvalue()
-
-
-def append_row(path, row):
+def write_rows(path, rows, mode="a"):
+    """Rows of losses.csv, floats to 6 digits; mode "w" starts it again (from a checkpoint's history on resume)."""
     try:
-        with open(path, "a") as f:
-            f.write(csv_text([row]))
+        with open(path, mode, newline="") as f:
+            csv.writer(f, lineterminator="\n").writerows([f"{v:.6g}" if isinstance(v, float) else v for v in row]
+                                                         for row in rows)
     except OSError as e:
         raise Fail(EXIT_OUTPUT, f"could not write {path}: {e.strerror}; free disk space or fix its folder") from None
 
 
-def plot_losses(outf, history):
-    """losses.png, when matplotlib is installed (it is optional)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    fig, ax = plt.subplots(figsize=(10, 5))
-    ax.plot(history["step"], history["loss_g"], label="G")
-    ax.plot(history["step"], history["loss_d"], label="D")
-    ax.set(xlabel="iteration", ylabel="loss", title="Generator and discriminator loss")
-    ax.legend()
-    atomic_write(os.path.join(outf, "losses.png"), lambda f: fig.savefig(f, format="png"))
-    plt.close(fig)
-
-
-# ------------------------------------------------------------------------------------------------
-# Devices and processes: one process, or one a device under torchrun
+# ---- Devices and processes: one process, or one a device under torchrun
 def pick_device(opt, local_rank=0, world=1):
-    """The device of --device, --cuda or --accel, else the current accelerator (CUDA, MPS, XPU), else the CPU;
-    under torchrun the one of this process's LOCAL_RANK. Checked here, so that a wrong one is one line."""
+    """--device, --cuda or --accel, else the current accelerator, else the CPU; under torchrun LOCAL_RANK's."""
     accel = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
     flag = f"--device {opt.device}" if opt.device else "--cuda" if opt.cuda else "--accel"
     if opt.accel and accel is None:  # as in pytorch/examples: no accelerator is not an error, the CPU runs it
@@ -658,23 +591,25 @@ def pick_device(opt, local_rank=0, world=1):
 
 
 class Ranks:
-    """Who this process is under torchrun, and the collectives besides DDP's: on a gloo group on the CPU, so
-    none waits for the GPU; with one process each is local and free."""
+    """This process under torchrun, and the collectives besides DDP's, on a CPU gloo group: none waits for a GPU."""
 
-    def __init__(self, rank=0, world=1, local_rank=0, group=None):
-        self.rank, self.world, self.local_rank, self.group, self.main = rank, world, local_rank, group, rank == 0
+    def __init__(self, world=1):
+        self.rank, self.world, self.local_rank, self.group = 0, world, 0, None
+        if world > 1:
+            dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
+            self.rank, self.local_rank = dist.get_rank(), int(os.environ.get("LOCAL_RANK", 0))
+            # The control group: gloo on the CPU, with time for one node to decode CelebA while the others wait
+            self.group = dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=4))
+        self.main = self.rank == 0
 
     def gather(self, obj):
-        """[obj of rank 0, obj of rank 1, ...] on every rank."""
-        if self.world == 1:
-            return [obj]
-        out = [None] * self.world
-        dist.all_gather_object(out, obj, group=self.group)
+        out = [obj] * self.world
+        if self.world > 1:
+            dist.all_gather_object(out, obj, group=self.group)
         return out
 
     def run(self, fn, *args):
-        """fn(*args) on every rank, then agree: a Fail on any rank ends every rank with the first one, which rank
-        0 prints, so that no rank is left waiting in a collective or dies with a traceback of its own."""
+        """fn(*args) on every rank, then agree: a Fail on any rank ends every rank with it, none left waiting."""
         try:
             result, error = fn(*args), None
         except Fail as e:
@@ -683,7 +618,7 @@ class Ranks:
             result, error = None, (e.code, str(e))
         errors = [e for e in self.gather(error) if e]
         if errors:
-            raise Fail(*errors[0], quiet=not self.main)
+            raise Fail(*errors[0])
         return result
 
     def on_main(self, fn, *args):
@@ -698,23 +633,10 @@ class Ranks:
 
     def max(self, values):
         """The element-wise max of a few integers over the ranks: a blocking all-reduce on the CPU."""
-        if self.world == 1:
-            return values
         t = torch.tensor(values)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+        if self.world > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
         return t.tolist()
-
-
-def setup_processes(opt):
-    """(device, ranks): one process, or under torchrun (WORLD_SIZE > 1) one DDP process a device."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if world == 1:
-        return pick_device(opt), Ranks()
-    dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
-    # The control group: gloo on the CPU, with time for one node to decode CelebA while the others wait
-    ranks = Ranks(dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", 0)),
-                  dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=4)))
-    return ranks.run(pick_device, opt, ranks.local_rank, world), ranks
 
 
 class Signals:
@@ -727,55 +649,49 @@ class Signals:
         self.reader, self.writer = socket.socketpair()
         self.writer.setblocking(False)
         self.wakeup = signal.set_wakeup_fd(self.writer.fileno(), warn_on_full_buffer=False)
-        self.thread = threading.Thread(target=self.watch, daemon=True)
-        self.thread.start()
+        threading.Thread(target=self.watch, daemon=True).start()
         return self
 
     def watch(self):
-        while 0 not in (data := self.reader.recv(64)):  # 0: the run is over
-            for signum in (s for s in data if s in self.kinds):
-                if self.first:
-                    os.write(2, f"dcgan.py: signal {signum} again: stopped at once, without saving\n".encode())
-                    os._exit(128 + signum)
-                self.first = signum
+        with self.reader:
+            while data := self.reader.recv(64):  # b"" once the writer is closed: the run is over
+                for signum in (s for s in data if s in self.kinds):
+                    if self.first:
+                        os.write(2, f"dcgan.py: signal {signum} again: stopped at once, without saving\n".encode())
+                        os._exit(128 + signum)
+                    self.first = signum
 
     def __exit__(self, *exc):
         signal.set_wakeup_fd(self.wakeup)
         for s, h in self.handlers.items():
             signal.signal(s, h)
-        self.writer.send(b"\0")
-        self.thread.join()
         self.writer.close()
-        self.reader.close()
 
 
-# ------------------------------------------------------------------------------------------------
-# Speed: precision, memory format, compile, CUDA graphs, and the networks wrapped for several
+# ---- Speed: precision, memory format, compile, CUDA graphs, and the networks wrapped for several
 # devices. None of it changes what a step computes, only how fast.
 def speed_settings(opt, device, world):
-    """(dtype, channels_last, cuda_graph), all speed decisions in one place; explicit flags win, the defaults
-    are what was measured (README, Performance)."""
-    amp = "off" if opt.amp == "auto" else opt.amp  # fp32 (TF32 convolutions on CUDA): bf16 learned worse
-    if amp == "fp16" and device.type != "cuda":
+    """(dtype, memory format, cuda_graph): every speed decision in one place; the defaults are measured (README)."""
+    if opt.amp == "fp16" and device.type != "cuda":
         raise Fail(EXIT_USAGE, "--amp fp16 needs a CUDA GPU; use --amp bf16 or --amp off")
-    dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+    # auto is fp32 (TF32 convolutions on CUDA): bf16 learned worse
+    dtype = {"auto": None, "off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[opt.amp]
     channels_last = opt.channels_last
     if channels_last is None:  # (compiled channels-last convolution backward failed on torch 2.11)
         channels_last = device.type in ("cuda", "cpu") and not opt.compile
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
     # One CUDA graph a step needs one CUDA GPU in one process, and no fp16: its scaler reads its inf check
-    cuda_graph = opt.cuda_graphs is not False and device.type == "cuda" and dtype != torch.float16 and world == 1 \
-        and opt.ngpu == 1
+    cuda_graph = opt.cuda_graphs is not False and device.type == "cuda" and opt.amp != "fp16" and world == opt.ngpu == 1
     torch.backends.cudnn.benchmark = True  # every batch has the same shape: let cuDNN time its kernels once
-    return dtype, channels_last, cuda_graph
+    return dtype, memory_format, cuda_graph
 
 
 def wrap(net, opt, device, world):
     """What runs net: DDP under torchrun, DataParallel with --ngpu, torch.compile on top; the plain net is saved."""
     if world > 1:
-        # No buffer sync in forward: D runs forward on the real and the fake batch before one backward, and a
-        # sync in between modifies BatchNorm's buffers in place under autograd (the known DDP + BatchNorm error).
-        # Training uses batch statistics. The older flag, broadcast_buffers=False, also skips the sync at
-        # construction: each rank starts from the same buffers, so either does.
+        # No buffer sync in forward: D runs on the real and the fake batch before one backward, and a sync between
+        # them changes BatchNorm's buffers in place under autograd (the DDP + BatchNorm error). Training uses batch
+        # statistics; the older flag also skips the sync at construction, where every rank has the same buffers.
         ddp = nn.parallel.DistributedDataParallel
         flag = next(f for f in ("forward_sync_buffers", "broadcast_buffers") if f in inspect.signature(ddp).parameters)
         net = ddp(net, device_ids=[device.index] if device.type == "cuda" else None, **{flag: False})
@@ -784,36 +700,30 @@ def wrap(net, opt, device, world):
     return torch.compile(net) if opt.compile else net
 
 
-# ------------------------------------------------------------------------------------------------
-# The run: set up, resume, then the loop (a step, maybe a log line, maybe a save, maybe a stop)
+# ---- The run: set up, resume, then the loop (a step, maybe a log line, maybe a save, maybe a stop)
 class Run:
     """One training run on one process. Rank 0 alone writes files; all ranks take every other decision together."""
 
     def __init__(self, opt, device, ranks):
-        """Everything that may find a mistake in the flags, files or data, run on every rank before any
-        collective but the agreement on its outcome."""
+        """Everything that may find a mistake in the flags, files or data, on every rank before any collective."""
         self.opt, self.device, self.ranks = opt, device, ranks
         self.log = print if ranks.main else (lambda *a, **k: None)
-        self.dtype, self.channels_last, self.cuda_graph = speed_settings(opt, device, ranks.world)
+        self.dtype, self.memory_format, self.cuda_graph = speed_settings(opt, device, ranks.world)
         self.ckpt_path = os.path.join(opt.outf, "checkpoint.pt")
         self.resume_path = (opt.resume or self.ckpt_path) if opt.resume is not None else None
         if ranks.main and self.resume_path is None and os.path.exists(self.ckpt_path):
             what = "a --dry-run would overwrite its epoch-0 files" if opt.dry_run else "pass --resume to continue it"
-            raise Fail(EXIT_OUTPUT, f"--outf {opt.outf} already holds a run (checkpoint.pt); {what}, or choose "
-                                    "another --outf")
+            raise Fail(EXIT_OUTPUT, f"--outf {opt.outf} already holds a run; {what}, or choose another --outf")
         if ranks.main:
             prepare_outf(opt.outf)
-            for tmp in glob.glob(os.path.join(glob.escape(opt.outf), ".*.tmp")):
-                remove(tmp)  # left by a process killed while saving
         self.dataset, self.nc, self.key = build_dataset(opt, ranks)
         self.config = dict(vars(opt), nc=self.nc, world=ranks.world)
         self.ckpt = read_checkpoint(self.resume_path, self.config) if self.resume_path is not None else None
         torch.manual_seed(opt.manualSeed)
         self.netG = Generator(opt.nz, opt.ngf, self.nc, opt.imageSize)
         self.netD = Discriminator(self.nc, opt.ndf, opt.imageSize)
-        self.netG.apply(weights_init)
-        self.netD.apply(weights_init)
         for net, path, what in ((self.netG, opt.netG, "--netG"), (self.netD, opt.netD, "--netD")):
+            net.apply(weights_init)
             if path:
                 load_weights(net, path, what)
         self.fixed_noise = torch.randn(64, opt.nz, 1, 1)
@@ -833,10 +743,8 @@ class Run:
     def start(self):
         """The networks on the device (DDP wraps them here), the optimizers, a resumed run's state."""
         opt, device = self.opt, self.device
-        self.memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
-        for net in (self.netG, self.netD):
-            net.to(device, memory_format=self.memory_format)
-        self.g, self.d = (wrap(net, opt, device, self.ranks.world) for net in (self.netG, self.netD))
+        self.g, self.d = (wrap(net.to(device, memory_format=self.memory_format), opt, device, self.ranks.world)
+                          for net in (self.netG, self.netD))
         # Adam as in section 4; fused: one kernel for all tensors; capturable: it runs inside the CUDA graph
         adam = dict(betas=(opt.beta1, 0.999), fused=device.type in ("cuda", "cpu"), capturable=self.cuda_graph)
         self.optG = torch.optim.Adam(self.netG.parameters(), lr=opt.lr_g or opt.lr, **adam)
@@ -850,16 +758,15 @@ class Run:
             self.ema_pairs = [[x for x in net.state_dict().values() if x.is_floating_point()]
                               for net in (self.netG_ema, self.netG)]
         self.fixed_noise = self.fixed_noise.to(device)
-        self.sums, self.count = torch.zeros(5, device=device), 0  # train_step's values since the last log line
+        self.sums = torch.zeros(5, device=device)  # the sums of train_step's values since the last log line
         self.step_t = torch.tensor(self.step, device=device)  # the step on the device, for the average's warm-up
         self.graph, self.warmup = None, 0
 
     def resume(self, ckpt):
         """Networks, optimizers, the averaged G, the scaler, this rank's RNG states and the position."""
-        self.netG.load_state_dict(ckpt["netG"])
-        self.netD.load_state_dict(ckpt["netD"])
-        for optimizer, key in ((self.optG, "optG"), (self.optD, "optD")):
-            optimizer.load_state_dict(ckpt[key])
+        for net, optimizer, name in ((self.netG, self.optG, "G"), (self.netD, self.optD, "D")):
+            net.load_state_dict(ckpt["net" + name])
+            optimizer.load_state_dict(ckpt["opt" + name])
             for group in optimizer.param_groups:  # this run's --lr and device, not the saved ones
                 group.update({k: optimizer.defaults[k] for k in ("lr", "fused", "capturable")})
         if self.netG_ema is not None:  # (a run that starts averaging on resume starts from G)
@@ -873,6 +780,7 @@ class Run:
         self.history.setdefault("warning", [""] * len(self.history["step"]))  # (checkpoints before the column)
         self.epoch, self.it, self.step = ckpt["epoch"], ckpt["iter"], ckpt["step"]
         self.last_good = self.resume_path
+        self.log(f"resumed from {self.resume_path} at epoch {self.epoch}, iteration {self.it} (step {self.step})")
 
     def checkpoint(self):
         """Everything a run needs to go on exactly, every rank's RNG states included: each rank draws its own noise."""
@@ -906,7 +814,6 @@ class Run:
             with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
                 self.iteration(self.static_real, self.static_z)
             self.graph.replay()
-        self.count += 1
 
     def iteration(self, real, z):
         """train_step and what follows it on the device, all inside the graph when there is one."""
@@ -917,7 +824,6 @@ class Run:
         self.step_t += 1
 
     def loop(self):
-        """Each iteration: a step, maybe a log line, maybe a save, maybe a stop."""
         opt, ranks, total = self.opt, self.ranks, 1 if self.opt.dry_run else self.opt.niter * self.per_epoch
         if self.step >= total:
             self.log(f"the run in {opt.outf} is finished ({self.epoch} epochs, {self.step} iterations); to train "
@@ -945,7 +851,9 @@ class Run:
                     if self.step == total:
                         break
                 if self.it == self.per_epoch and not opt.dry_run:
-                    self.end_epoch(self.it - first, time.monotonic() - began)
+                    self.log(f"epoch {self.epoch} done: {self.it - first} iterations, {time.monotonic() - began:.1f} s")
+                    self.epoch, self.it = self.epoch + 1, 0
+                    self.save(finished=self.epoch - 1)
         if opt.dry_run:
             self.save(finished=0)
         elif self.it:  # mid-epoch
@@ -955,43 +863,33 @@ class Run:
         self.log(f"done: {self.step} iterations; samples, weights{'' if opt.dry_run else ', checkpoint'} in {opt.outf}")
         return 0
 
-    def end_epoch(self, iterations, seconds):
-        rate = iterations * self.opt.batchSize * self.ranks.world / seconds
-        self.log(f"epoch {self.epoch} done: {iterations} iterations in {seconds:.1f} s ({rate:.0f} img/s)")
-        self.epoch, self.it = self.epoch + 1, 0
-        self.save(finished=self.epoch - 1)
-
     def begin(self):
-        """The first files (a grid of training images for a new run; losses.csv, after a resume as of the
-        checkpoint, since rows logged after that save belong to steps that run again), log lines and clocks."""
+        """The first files (real_samples.png; losses.csv, on resume cut back to the checkpoint), log lines, clocks."""
         opt, data, world = self.opt, self.data, self.ranks.world
         real = next(epoch_batches(data, min(64, len(data) // world), opt.manualSeed, 0))
         self.real_spread = real.std(0).mean().item()  # the data's per-pixel spread, for the collapse warning
         if self.resume_path is None:
             self.ranks.on_main(save_grid, real, os.path.join(opt.outf, "real_samples.png"))
-        rows = csv_text([LOG_FIELDS, *zip(*(self.history[k] for k in LOG_FIELDS))]).encode()
-        self.ranks.on_main(atomic_write, os.path.join(opt.outf, "losses.csv"), lambda f: f.write(rows))
-        if self.resume_path is not None:
-            self.log(f"resumed from {self.resume_path} at epoch {self.epoch}, iteration {self.it} (step {self.step})")
+        rows = [LOG_FIELDS, *zip(*(self.history[k] for k in LOG_FIELDS))]
+        self.ranks.on_main(write_rows, os.path.join(opt.outf, "losses.csv"), rows, "w")
         kept = "decoded once" if isinstance(data, torch.Tensor) else f"decoded each epoch by {opt.workers} workers"
-        precision = "fp32" if self.dtype is None else opt.amp
-        self.log(f"{opt.dataset}: {len(data)} images of {self.nc}x{opt.imageSize}x{opt.imageSize}, {kept}; "
-                 f"{self.device}, {world} process(es), global batch {opt.batchSize * world}, {precision}, "
-                 f"channels_last {self.channels_last}, compile {opt.compile}, CUDA graph {self.cuda_graph}")
+        size = f"{self.nc}x{opt.imageSize}x{opt.imageSize}"
+        self.log(f"{opt.dataset}: {len(data)} images of {size}, {kept}; {self.device}, "
+                 f"{world} process(es), global batch {opt.batchSize * world}, {opt.amp if self.dtype else 'fp32'}, "
+                 f"{self.memory_format}, compile {opt.compile}, CUDA graph {self.cuda_graph}")
         self.last_save = self.tick = time.monotonic()
         self.tick_step = self.first_step = self.step
 
     def log_progress(self, total):
         """The log line (means since the last one: the one host sync), losses.csv, the stop on inf or NaN."""
         opt, world, per_epoch = self.opt, self.ranks.world, self.per_epoch
-        values = (self.sums / self.count).tolist()
+        values = (self.sums / (self.step - self.tick_step)).tolist()
         self.sums.zero_()
-        self.count = 0
-        self.ranks.run(self.check_finite, values)
+        if self.ranks.max([int(not all(map(math.isfinite, values)))])[0]:  # every rank stops alike
+            raise self.diverged(f"a non-finite loss or D output in iterations {self.tick_step + 1} to {self.step}")
         loss_d, loss_g, d_x, d_g_z1, d_g_z2 = values
-        now = time.monotonic()
-        rate = (self.step - self.tick_step) * opt.batchSize * world / max(now - self.tick, 1e-9)
-        self.tick, self.tick_step = now, self.step
+        rate = (self.step - self.tick_step) * opt.batchSize * world / max(time.monotonic() - self.tick, 1e-9)
+        self.tick, self.tick_step = time.monotonic(), self.step
         left = [datetime.timedelta(seconds=round(n * opt.batchSize * world / rate))
                 for n in (per_epoch - self.it, total - self.step)]
         self.log(f"[{self.epoch}/{opt.niter}][{self.it}/{per_epoch}] Loss_D: {loss_d:.4f} Loss_G: {loss_g:.4f} "
@@ -1001,37 +899,30 @@ class Run:
         row = (self.epoch, self.it, self.step, loss_d, loss_g, d_x, d_g_z1, d_g_z2, rate, warning)
         for k, v in zip(LOG_FIELDS, row):
             self.history[k].append(v)
-        self.ranks.on_main(append_row, os.path.join(opt.outf, "losses.csv"), row)
-
-    def check_finite(self, values):
-        if not all(math.isfinite(v) for v in values):
-            raise self.diverged(f"a non-finite loss or D output in iterations {self.tick_step + 1} to {self.step}")
+        self.ranks.on_main(write_rows, os.path.join(opt.outf, "losses.csv"), [row])
 
     def diverged(self, what):
         return Fail(EXIT_DIVERGED, f"training diverged: {what} (epoch {self.epoch}); nothing after it was saved; "
                                    f"last good checkpoint: {self.last_good or 'none yet'}; try a lower --lr")
 
     def watch_for_collapse(self, d_g_z, loss_g, stretch=200):
-        """Two ways a run fails while its losses stay finite, each said once and named in losses.csv: D wins
-        outright (D(G(z)) below 0.01 for `stretch` iterations: G's gradient has all but vanished), or the fixed
-        noise's samples stop varying (spread below a tenth of the data's: mode collapse, from iteration 200)."""
+        """Two failures with finite losses, said once and named in losses.csv: D wins outright (D(G(z)) < 0.01 for
+        `stretch` iterations: G's gradient vanishes), or the fixed noise's samples stop varying (mode collapse)."""
         self.d_wins_since = (self.d_wins_since or self.step) if d_g_z < 0.01 else None
-        kinds = []
+        kinds = {}
         if self.d_wins_since is not None and self.step - self.d_wins_since >= stretch:
-            kinds.append(("d_wins", f"D has rejected nearly every fake for {self.step - self.d_wins_since} iterations "
-                                    f"(D(G(z)) {d_g_z:.4f}, Loss_G {loss_g:.2f}): G has stopped learning"))
+            kinds["d_wins"] = (f"D has rejected nearly every fake for {self.step - self.d_wins_since} iterations "
+                               f"(D(G(z)) {d_g_z:.4f}, Loss_G {loss_g:.2f}): G has stopped learning")
         if self.step >= 200:
-            images = sample(self.netG_ema or self.netG, self.fixed_noise, self.opt.sample_bn == "batch")
-            spread = images.float().std(0).mean().item()
-            if spread < 0.1 * self.real_spread:
-                kinds.append(("collapsed", f"the samples from the fixed noise have stopped varying (per-pixel spread "
-                                           f"{spread:.3f}, the data's {self.real_spread:.3f}): mode collapse"))
-        for kind, what in kinds:
-            if kind not in self.warned:
-                self.warned.add(kind)
-                warn(f"iteration {self.step} (epoch {self.epoch}): {what}; try a lower --lr, another --manualSeed, "
-                     "or --resume from an earlier checkpoint copy")
-        return "+".join(kind for kind, _ in kinds)
+            spread = sample(self.netG_ema or self.netG, self.fixed_noise, self.opt.sample_bn == "batch").float().std(0)
+            if spread.mean() < 0.1 * self.real_spread:
+                kinds["collapsed"] = (f"the samples from the fixed noise have stopped varying (per-pixel spread "
+                                      f"{spread.mean():.3f}, the data's {self.real_spread:.3f}): mode collapse")
+        for kind in [k for k in kinds if k not in self.warned]:
+            self.warned.add(kind)
+            warn(f"iteration {self.step} (epoch {self.epoch}): {kinds[kind]}; try a lower --lr, another --manualSeed, "
+                 "or --resume from an earlier checkpoint copy")
+        return "+".join(kinds)
 
     def save(self, finished=None):
         """checkpoint.pt, and when an epoch has finished its files, written by rank 0; all ranks take part."""
@@ -1049,15 +940,20 @@ class Run:
                       os.path.join(opt.outf, f"fake_samples_epoch_{finished:03d}.png"))
             for name, net in (("netG", self.netG), ("netG_ema", self.netG_ema), ("netD", self.netD)):
                 if net is not None:
-                    atomic_write(os.path.join(opt.outf, f"{name}_epoch_{finished}.pth"),
-                                 lambda f: torch.save(net.state_dict(), f))
-            plot_losses(opt.outf, self.history)
+                    atomic_write(f"{opt.outf}/{name}_epoch_{finished}.pth", lambda f: torch.save(net.state_dict(), f))
+            with contextlib.suppress(ImportError):  # losses.png, when matplotlib is installed (it is optional)
+                from matplotlib.figure import Figure  # no pyplot: no window, no backend to choose
+                ax = Figure(figsize=(10, 5)).subplots()
+                for key, name in (("loss_g", "G"), ("loss_d", "D")):
+                    ax.plot(self.history["step"], self.history[key], label=name)
+                ax.set(xlabel="iteration", ylabel="loss", title="Generator and discriminator loss")
+                ax.legend()
+                atomic_write(os.path.join(opt.outf, "losses.png"), lambda f: ax.figure.savefig(f, format="png"))
         if not opt.dry_run:
             atomic_write(self.ckpt_path, lambda f: torch.save(ckpt, f))
 
 
-# ------------------------------------------------------------------------------------------------
-# The command line: the flags, the commands that make images without training, main
+# ---- The command line: the flags, the commands that make images without training, main
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, not argparse's usage block
         raise Fail(EXIT_USAGE, f"{message} (see --help)")
@@ -1066,8 +962,7 @@ class Parser(argparse.ArgumentParser):
 def checked(kind, ok, allowed):
     """An argparse type: a number of `kind` for which ok(value) holds; else the error says what is allowed."""
     def convert(text):
-        value = kind(text)
-        if not ok(value):
+        if not ok(value := kind(text)):
             raise argparse.ArgumentTypeError(f"{text} is not {allowed}")
         return value
     convert.__name__ = kind.__name__  # argparse's message for what is no number at all: "invalid int value"
@@ -1075,13 +970,13 @@ def checked(kind, ok, allowed):
 
 
 COUNT, POSITIVE = checked(int, lambda v: v >= 0, "0 or more"), checked(int, lambda v: v >= 1, "1 or more")
-RATE, FRACTION = checked(float, lambda v: math.isfinite(v) and v > 0, "a positive number"), \
-    checked(float, lambda v: 0 <= v < 1, "in [0, 1)")
+RATE, LABEL = checked(float, lambda v: math.isfinite(v) and v > 0, "a positive number"), \
+    checked(float, lambda v: 0.5 < v <= 1, "in (0.5, 1]")
+FRACTION, MINUTES = checked(float, lambda v: 0 <= v < 1, "in [0, 1)"), checked(float, lambda v: v >= 0, "0 or more")
 
 
 def build_parser():
-    p = Parser(description="Train a DCGAN (Radford et al. 2015) or make images with a trained one.",
-               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(description="Train a DCGAN, or make images.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     # The flags of pytorch/examples dcgan/main.py, same names and meanings, so that its command lines work here
     a("--dataset", default="celeba", choices=["celeba", "folder", "imagenet", "lfw", "cifar10", "mnist", "lsun",
@@ -1115,14 +1010,12 @@ def build_parser():
       help="where decoded data sets are kept, '' for none")
     a("--lr-d", type=RATE, help="D's Adam learning rate, if not --lr")
     a("--lr-g", type=RATE, help="G's Adam learning rate, if not --lr")
-    a("--real-label", type=checked(float, lambda v: 0.5 < v <= 1, "in (0.5, 1]"), default=1.0, help="D's target "
-      "for real images; 0.9 is one-sided label smoothing")
+    a("--real-label", type=LABEL, default=1.0, help="D's target for real images; 0.9 is one-sided label smoothing")
     a("--ema", type=FRACTION, default=0.0, metavar="DECAY", help="also keep a moving average of G, e.g. 0.999")
     a("--sample-bn", default="batch", choices=["batch", "eval"], help="BatchNorm statistics when sampling")
     a("--log-every", type=POSITIVE, default=50, help="log every N iterations")
     a("--save-every", type=COUNT, default=0, help="also save the checkpoint every N iterations (0: off)")
-    a("--save-minutes", type=checked(float, lambda v: v >= 0, "0 or more"), default=10.0, help="also save every N "
-      "minutes, 0 for never")
+    a("--save-minutes", type=MINUTES, default=10.0, help="also save the checkpoint every N minutes (0: off)")
     a("--max-steps", type=COUNT, default=0, help="stop (and save) after N iterations in this run (0: no limit)")
     a("--resume", nargs="?", const="", metavar="PATH", help="continue from a checkpoint (default: OUTF/checkpoint.pt)")
     a("--generate", type=COUNT, default=0, metavar="N", help="write N images from --netG into OUTF/generated/ and exit")
@@ -1139,18 +1032,15 @@ def parse_args(argv=None):
         raise Fail(EXIT_USAGE, "--dry-run writes no checkpoint and cannot --resume one; drop one of them")
     opt.dataset = "folder" if opt.dataset in ("imagenet", "lfw") else opt.dataset
     if opt.dataroot is None and opt.dataset not in ("fake", "synthetic") and not (opt.generate or opt.interpolate):
-        raise Fail(EXIT_USAGE, f"--dataroot is required for --dataset {opt.dataset} "
-                               "(or use --dataset synthetic, which needs no download)")
+        raise Fail(EXIT_USAGE, f"--dataroot is required for --dataset {opt.dataset} (--dataset synthetic needs none)")
     return opt
 
 
 def generated(netG, n, batch_stats, generator):
-    """n images of G as uint8, rounded as save_image rounds, drawn in whole batches of 256 (the last one too): each
-    image sees the statistics of a full batch."""
+    """n uint8 images of G, drawn in full batches of 256, so that each sees a full batch's statistics."""
     for start in range(0, n, 256):
         z = torch.randn(256, netG.main[0].in_channels, 1, 1, device=generator.device, generator=generator)
-        images = sample(netG, z, batch_stats)[:n - start].float().cpu()
-        yield images.add(1).mul(127.5).add(0.5).clamp(0, 255).to(torch.uint8)
+        yield sample(netG, z, batch_stats)[:n - start].float().cpu().add(1).mul(127.5).add(0.5).clamp(0, 255).byte()
 
 
 def make_images(opt, device):
@@ -1177,18 +1067,17 @@ def make_images(opt, device):
 
 
 def main(argv=None):
-    """Runs the command line; returns the exit code. A mistake in the user's input prints one line to stderr
-    (under torchrun from rank 0 alone) and returns a code from the table in README."""
+    """Runs the command line, returns the exit code; a mistake in the input is one line on stderr (README's table)."""
     try:
         opt = parse_args(argv)  # (every rank sees the same mistake in the flags)
-        device, ranks = setup_processes(opt)
+        ranks = Ranks(int(os.environ.get("WORLD_SIZE", 1)))
         try:
+            device = ranks.run(pick_device, opt, ranks.local_rank, ranks.world)
             if opt.generate or opt.interpolate or opt.export_real:  # one process does these
                 if ranks.main:
                     make_images(opt, device)
                 return 0
-            # Set up (a mistake in the flags, files or data on any rank ends every rank with one line), load the
-            # data, start or resume, loop
+            # Set up (a mistake on any rank ends every rank with one line), load the data, start or resume, loop
             run = ranks.run(Run, opt, device, ranks)
             ranks.run(run.load_data)
             run.start()
