@@ -914,10 +914,10 @@ class Run:
             kinds["d_wins"] = (f"D has rejected nearly every fake for {self.step - self.d_wins_since} iterations "
                                f"(D(G(z)) {d_g_z:.4f}, Loss_G {loss_g:.2f}): G has stopped learning")
         if self.step >= 200:
-            spread = sample(self.netG_ema or self.netG, self.fixed_noise, self.opt.sample_bn == "batch").float().std(0)
-            if spread.mean() < 0.1 * self.real_spread:
+            images = sample(self.netG_ema or self.netG, self.fixed_noise, self.opt.sample_bn == "batch")
+            if (spread := images.float().std(0).mean().item()) < 0.1 * self.real_spread:
                 kinds["collapsed"] = (f"the samples from the fixed noise have stopped varying (per-pixel spread "
-                                      f"{spread.mean():.3f}, the data's {self.real_spread:.3f}): mode collapse")
+                                      f"{spread:.3f}, the data's {self.real_spread:.3f}): mode collapse")
         for kind in [k for k in kinds if k not in self.warned]:
             self.warned.add(kind)
             warn(f"iteration {self.step} (epoch {self.epoch}): {kinds[kind]}; try a lower --lr, another --manualSeed, "
@@ -940,7 +940,8 @@ class Run:
                       os.path.join(opt.outf, f"fake_samples_epoch_{finished:03d}.png"))
             for name, net in (("netG", self.netG), ("netG_ema", self.netG_ema), ("netD", self.netD)):
                 if net is not None:
-                    atomic_write(f"{opt.outf}/{name}_epoch_{finished}.pth", lambda f: torch.save(net.state_dict(), f))
+                    atomic_write(os.path.join(opt.outf, f"{name}_epoch_{finished}.pth"),
+                                 lambda f: torch.save(net.state_dict(), f))
             with contextlib.suppress(ImportError):  # losses.png, when matplotlib is installed (it is optional)
                 from matplotlib.figure import Figure  # no pyplot: no window, no backend to choose
                 ax = Figure(figsize=(10, 5)).subplots()
