@@ -1,49 +1,57 @@
 """DCGAN in one file: Radford, Metz & Chintala, "Unsupervised Representation Learning with Deep
 Convolutional Generative Adversarial Networks", 2015 (arXiv:1511.06434).
 
-  python dcgan.py --dataset synthetic --imageSize 16 --batchSize 64 --niter 4   # CPU, no download
-  python dcgan.py --dataroot celeba --cuda --ngpu 2                             # CelebA on two GPUs
-  torchrun --nproc_per_node=8 dcgan.py --dataroot celeba                        # DDP, a process a GPU
-  python dcgan.py --resume --dataroot celeba --cuda                             # continue out/checkpoint.pt
-  python dcgan.py --generate 1000 --netG out/checkpoint.pt --outf fid           # images, no training
+  python dcgan.py --dataset synthetic --imageSize 16 --niter 4   # CPU, no download
+  python dcgan.py --dataroot celeba --cuda --ngpu 2              # CelebA on two GPUs
+  torchrun --nproc_per_node=8 dcgan.py --dataroot celeba         # DDP, a process a GPU
+  python dcgan.py --resume --dataroot celeba --cuda              # continue out/checkpoint.pt
+  python dcgan.py --generate 1000 --netG out/checkpoint.pt       # images, no training
 
-The lesson comes first (G, D, their initialisation, one training iteration, sampling), then the machinery in
-the order a run uses it. README has the measurements behind each default.
+The lesson comes first (G, D, their initialisation, one training iteration, sampling), then the
+machinery in the order a run uses it. README has the measurements behind each default.
 """
+# The lesson needs these four
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# and the machinery these
 import argparse
 import contextlib
 import copy
 import csv
 import datetime
-import glob
 import hashlib
 import inspect
-import math
 import os
 import shutil
 import signal
 import socket
 import sys
-import threading
 import time
 import warnings
 import zipfile
 
-import torch
+import numpy
 import torch.distributed as dist
-import torch.nn as nn
-import torch.nn.functional as F
 import torchvision
 from PIL import Image
 from torchvision.transforms import v2
 
+try:
+    import fcntl  # the decode's lock; Windows has none
+except ImportError:
+    fcntl = None
 
-# ---- The networks (paper, section 3): all-convolutional, BatchNorm, ReLU in G with Tanh at the output,
-# LeakyReLU(0.2) in D, no pooling, no fully connected hidden layers. The number of blocks follows
-# log2(image size); at 64x64 both equal pytorch/examples layer for layer, state-dict keys included
-# (main.0.weight, ...), so its .pth files load here.
-def blocks(image_size):
-    """The blocks between the 4x4 stage and the image: 3 at 64x64."""
+
+# ---- The networks (paper, section 3): all-convolutional, BatchNorm, ReLU in G with Tanh at the
+# output, LeakyReLU(0.2) in D, no pooling, no fully connected hidden layers. The number of blocks
+# follows log2(image size); at 64x64 both equal pytorch/examples layer for layer, state-dict keys
+# included (main.0.weight, ...), so its .pth files load here.
+def n_blocks(image_size):
+    """How many blocks lie between the 4x4 stage and the image: 3 at 64x64."""
     if image_size not in (16, 32, 64, 128, 256):
         raise ValueError(f"image_size must be a power of two from 16 to 256, got {image_size}")
     return int(math.log2(image_size)) - 3
@@ -52,10 +60,11 @@ def blocks(image_size):
 class Generator(nn.Module):
     def __init__(self, nz=100, ngf=64, nc=3, image_size=64):
         super().__init__()
-        n = blocks(image_size)
+        n = n_blocks(image_size)
         width = ngf * 2 ** n
         # (B, nz, 1, 1) -> (B, ngf*2^n, 4, 4): the paper's projection of z, as a convolution
-        layers = [nn.ConvTranspose2d(nz, width, 4, 1, 0, bias=False), nn.BatchNorm2d(width), nn.ReLU(True)]
+        layers = [nn.ConvTranspose2d(nz, width, 4, 1, 0, bias=False),
+                  nn.BatchNorm2d(width), nn.ReLU(True)]
         for _ in range(n):  # (B, w, s, s) -> (B, w/2, 2s, 2s)
             layers += [nn.ConvTranspose2d(width, width // 2, 4, 2, 1, bias=False),
                        nn.BatchNorm2d(width // 2), nn.ReLU(True)]
@@ -69,11 +78,11 @@ class Generator(nn.Module):
 
 
 class Discriminator(nn.Module):
-    """Returns logits: the sigmoid is in the loss, stable and safe under autocast (BCE with logits)."""
+    """Returns logits: the sigmoid is in the loss, stable and safe under autocast."""
 
-    def __init__(self, nc=3, ndf=64, image_size=64):
+    def __init__(self, ndf=64, nc=3, image_size=64):
         super().__init__()
-        n = blocks(image_size)
+        n = n_blocks(image_size)
         # (B, nc, S, S) -> (B, ndf, S/2, S/2), no BatchNorm on the input layer (section 3)
         layers = [nn.Conv2d(nc, ndf, 4, 2, 1, bias=False), nn.LeakyReLU(0.2, inplace=True)]
         width = ndf
@@ -98,14 +107,14 @@ def weights_init(m):
         nn.init.zeros_(m.bias)
 
 
-# ---- One training iteration (Goodfellow et al. 2014, algorithm 1 with k = 1; paper, section 4). The
-# optimizers are Adam with lr 0.0002 and beta1 0.5: the default 0.9 made training oscillate.
-def train_step(netG, netD, optG, optD, real, z, real_label=1.0, dtype=None, scaler=None):
-    """One update of D, then one of G, on real images in [-1, 1] (B, nc, S, S) and noise z (B, nz, 1, 1). dtype
-    bf16 or fp16 runs the networks under autocast, fp16 with a GradScaler (else scaler's calls are plain ones).
-    Returns Loss_D, Loss_G, D(x), D(G(z)) before and after D's update, in one tensor left on the device."""
+# ---- One training iteration (Goodfellow et al. 2014, algorithm 1 with k = 1; paper, section 4).
+# The optimizers are Adam with lr 0.0002 and beta1 0.5: the default 0.9 made training oscillate.
+def train_step(netG, netD, optG, optD, real, z, amp_dtype=None, scaler=None):
+    """One update of D, then one of G, on real images in [-1, 1] (B, nc, S, S) and noise z (B, nz,
+    1, 1); amp_dtype bf16 or fp16: under autocast, fp16 with a GradScaler. Returns Loss_D, Loss_G,
+    D(x), D(G(z)) before and after D's update, in one tensor left on the device."""
     scaler = scaler or torch.amp.GradScaler(real.device.type, enabled=False)
-    autocast = torch.autocast(real.device.type, dtype=dtype, enabled=dtype is not None)
+    autocast = torch.autocast(real.device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
 
     ############################
     # (1) Update D: maximize log(D(x)) + log(1 - D(G(z)))
@@ -117,85 +126,93 @@ def train_step(netG, netD, optG, optD, real, z, real_label=1.0, dtype=None, scal
         # (as in pytorch/examples). fake is detached: this update trains D alone.
         out_real, out_fake = netD(real), netD(fake.detach())  # (B,) logits each
     out_real, out_fake = out_real.float(), out_fake.float()
-    # D's target for real images is 1, or less with one-sided label smoothing (Salimans et al. 2016, 3.4)
-    loss_d = (F.binary_cross_entropy_with_logits(out_real, torch.full_like(out_real, real_label))
+    loss_d = (F.binary_cross_entropy_with_logits(out_real, torch.ones_like(out_real))
               + F.binary_cross_entropy_with_logits(out_fake, torch.zeros_like(out_fake)))
     scaler.scale(loss_d).backward()
     scaler.step(optD)
 
     ############################
-    # (2) Update G: maximize log(D(G(z))), the non-saturating loss (Goodfellow et al. 2014, section 3):
-    # log(1 - D(G(z))) has vanishing gradients early on, when D rejects every fake. The same fakes go
-    # through the updated D, whose own gradients are not needed here.
+    # (2) Update G: maximize log(D(G(z))), the non-saturating loss (Goodfellow et al. 2014,
+    # section 3): log(1 - D(G(z))) has vanishing gradients early on, when D rejects every fake.
+    # The same fakes go through the updated D, whose own gradients are not needed here.
     ############################
     optG.zero_grad(set_to_none=True)
     netD.requires_grad_(False)
     with autocast:
         out_g = netD(fake).float()
-    loss_g = F.binary_cross_entropy_with_logits(out_g, torch.ones_like(out_g))  # fake labels are real for G
+    loss_g = F.binary_cross_entropy_with_logits(out_g, torch.ones_like(out_g))  # labels: "real"
     scaler.scale(loss_g).backward()
     scaler.step(optG)
     netD.requires_grad_(True)
     scaler.update()  # fp16: one scale update an iteration, after both steps
 
     with torch.no_grad():
-        return torch.stack([loss_d, loss_g, *(torch.sigmoid(x).mean() for x in (out_real, out_fake, out_g))])
+        d_outputs = [torch.sigmoid(x).mean() for x in (out_real, out_fake, out_g)]
+        return torch.stack([loss_d, loss_g, *d_outputs])
 
 
 # ---- Sampling: images from z, an averaged G, walks through the latent space
 @torch.no_grad()
 def sample(netG, z, batch_stats=True):
-    """G(z) for viewing, from a copy of G that leaves G untouched. batch_stats (the default, as measured: README):
-    BatchNorm uses this batch's statistics, as in training and in pytorch/examples; else the running ones."""
+    """G(z) for viewing, from a copy of G that leaves G untouched. batch_stats (the default, as
+    measured: README): BatchNorm uses this batch's statistics, as in training; else the running."""
     return copy.deepcopy(netG).train(batch_stats)(z)
 
 
 @torch.no_grad()
 def update_average(averaged, current, step, decay):
-    """averaged = d * averaged + (1 - d) * current, d = min(decay, (1 + t) / (10 + t)) at step t, so that a short
-    run is not pulled back to the random initial weights. t is on the device: no host sync, fine in a graph."""
+    """averaged = d * averaged + (1 - d) * current, d = min(decay, (1 + t) / (10 + t)) at step t,
+    so that a short run is not pulled back to the random initial weights. t is a tensor on the
+    device: no host sync, fine inside a CUDA graph."""
     d = torch.clamp((1 + step) / (10 + step), max=decay)
     torch._foreach_mul_(averaged, d)
     torch._foreach_add_(averaged, torch._foreach_mul(current, 1 - d))
 
 
 def slerp(z0, z1, t):
-    """Spherical interpolation (section 6.1 walks the latent space). Gaussian z of many dimensions lie near a
-    sphere: the straight line between two passes through the low-norm middle that G never saw, the arc not."""
+    """Spherical interpolation (section 6.1 walks the latent space). Gaussian z of many dimensions
+    lie near a sphere: the straight line between two passes through the low-norm middle that G
+    never saw, the arc does not."""
     a, b = z0.flatten(1), z1.flatten(1)
-    omega = torch.arccos((F.normalize(a, dim=1) * F.normalize(b, dim=1)).sum(1).clamp(-1, 1)).unsqueeze(1)
-    so = torch.sin(omega)
-    arc = (torch.sin((1 - t) * omega) * a + torch.sin(t * omega) * b) / so.clamp(min=1e-6)
-    return torch.where(so > 1e-6, arc, (1 - t) * a + t * b).view_as(z0)  # (nearly) parallel: the line is the arc
+    cosine = (F.normalize(a, dim=1) * F.normalize(b, dim=1)).sum(1).clamp(-1, 1)
+    omega = torch.arccos(cosine).unsqueeze(1)
+    sin_omega = torch.sin(omega)
+    arc = (torch.sin((1 - t) * omega) * a + torch.sin(t * omega) * b) / sin_omega.clamp(min=1e-6)
+    line = (1 - t) * a + t * b  # for (nearly) parallel ends, where the line is the arc
+    return torch.where(sin_omega > 1e-6, arc, line).view_as(z0)
 
 
-def latent_walks(rows, steps, nz, generator):
-    """z for `rows` walks of `steps` points, row after row, each along the arc between two random z."""
-    ends = torch.randn(2, rows, nz, 1, 1, device=generator.device, generator=generator)
-    t = torch.linspace(0, 1, steps, device=generator.device).repeat(rows).unsqueeze(1)
+def latent_walks(rows, steps, nz, rng):
+    """z for `rows` walks of `steps` points, each along the arc between two random z."""
+    ends = torch.randn(2, rows, nz, 1, 1, device=rng.device, generator=rng)
+    t = torch.linspace(0, 1, steps, device=rng.device).repeat(rows).unsqueeze(1)
     return slerp(ends[0].repeat_interleave(steps, 0), ends[1].repeat_interleave(steps, 0), t)
 
 
-# ---- The machinery. A mistake a person can act on raises Fail: main() prints its one line and exits
-# with its code (README has the table).
+# ---- The machinery. A mistake a person can act on raises Fail: main() prints its one line and
+# exits with its code (README has the table).
 EXIT_USAGE, EXIT_DATA, EXIT_FILE, EXIT_DEVICE, EXIT_OUTPUT, EXIT_DIVERGED = 2, 3, 4, 5, 6, 7
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm")
 
 
 class Fail(Exception):
     def __init__(self, code, message):
         super().__init__(message)
-        self.code, self.quiet = code, os.environ.get("RANK", "0") != "0"  # under torchrun rank 0 alone prints
+        self.code = code
+        self.quiet = os.environ.get("RANK", "0") != "0"  # under torchrun rank 0 alone prints
 
 
 def warn(message):
     print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
+def do_nothing(*args, **kwargs):
+    return None
+
+
 # ---- Data: every data set yields uint8 images (C, S, S), scaled to [-1, 1] on the device
 def synthetic_faces(n, size, nc=3, seed=0):
-    """Learnable face-like images, seeded: a head, two eyes and a mouth, varied in colour, size and place."""
-    g = torch.Generator().manual_seed(seed)
+    """Learnable face-like images, seeded: a head, eyes and a mouth, in varied colours, places."""
+    rng = torch.Generator().manual_seed(seed)
     out = torch.empty(n, nc, size, size, dtype=torch.uint8)
     ys, xs = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
 
@@ -203,267 +220,358 @@ def synthetic_faces(n, size, nc=3, seed=0):
         return torch.sigmoid((1 - (((xs - x0) / ax) ** 2 + ((ys - y0) / ay) ** 2)) * size / 4)
     for start in range(0, n, 1024):
         m = min(1024, n - start)
-        u = [torch.rand(m, k, 1, 1, generator=g) for k in (1, 1, 1, 1, 1, 1, 1, 3, 1, 1, 1)]  # k values an image
+        # uniform draws, k values an image each
+        u = [torch.rand(m, k, 1, 1, generator=rng) for k in (1, 1, 1, 1, 1, 1, 1, 3, 1, 1, 1)]
         cx, cy, rx = (u[0] - 0.5) * 0.4, (u[1] - 0.5) * 0.3, 0.45 + 0.2 * u[2]
         ry, eye_r = rx * (1.15 + 0.2 * u[3]), rx * (0.12 + 0.05 * u[4])
         eyes = sum(ellipse(cx + side * 0.38 * rx, cy - 0.2 * ry, eye_r, eye_r) for side in (-1, 1))
         mouth = ellipse(cx, cy + 0.5 * ry, rx * (0.25 + 0.2 * u[5]), ry * (0.06 + 0.06 * u[6]))
-        head, skin = ellipse(cx, cy, rx, ry), torch.cat([0.55 + 0.4 * u[8], 0.35 + 0.35 * u[9], 0.25 + 0.3 * u[10]], 1)
+        head = ellipse(cx, cy, rx, ry)
+        skin = torch.cat([0.55 + 0.4 * u[8], 0.35 + 0.35 * u[9], 0.25 + 0.3 * u[10]], 1)
         img = (u[7] * 0.8) * (1 - head) + skin * head  # u[7]: the background's colour
         img = img * (1 - eyes) + 0.08 * eyes
         img = img * (1 - mouth) + torch.tensor([0.6, 0.1, 0.15]).view(1, 3, 1, 1) * mouth
-        out[start:start + m] = ((img.mean(1, keepdim=True) if nc == 1 else img).clamp(0, 1) * 255).round()
+        if nc == 1:
+            img = img.mean(1, keepdim=True)
+        out[start:start + m] = (img.clamp(0, 1) * 255).round()
     return out
 
 
 def face_crop(img):
-    """CelebA's aligned 178x218 pictures cut to the face, the centre 108/178 of the width; other shapes left whole."""
+    """CelebA's aligned 178x218 pictures cut to the face, the centre 108/178 of the width."""
     h, w = img.shape[-2:]
-    return img if abs(h / w - 218 / 178) > 0.03 else v2.functional.center_crop(img, round(w * 108 / 178))
+    if abs(h / w - 218 / 178) > 0.03:  # another shape: left whole
+        return img
+    return v2.functional.center_crop(img, round(w * 108 / 178))
 
 
 def image_transform(dataset, size):
-    """CelebA's face crop, then, as in pytorch/examples, the short side resized and the centre cropped."""
+    """CelebA's face crop, then the short side resized and the centre cropped (pytorch/examples)."""
     crop = [face_crop] if dataset == "celeba" else []
     return v2.Compose(crop + [v2.Resize(size, antialias=True), v2.CenterCrop(size)])
 
 
 def decode_image(path, nc):
-    """uint8 (nc, H, W) from any file PIL reads (16-bit grey comes out clipped); None if it is not an image."""
+    """uint8 (nc, H, W) from any file PIL reads; None if it is not an image."""
     with contextlib.suppress(Exception), Image.open(path) as im:
+        if im.mode.startswith("I"):  # 16-bit grey: 0..65535 scaled to 0..255
+            im = Image.fromarray((numpy.asarray(im) // 257).astype(numpy.uint8))
         return v2.functional.pil_to_tensor(im.convert("L" if nc == 1 else "RGB"))
     return None
 
 
 class Images(torch.utils.data.Dataset):
-    """uint8 images from files or a torchvision set; an unreadable file is None or (substitute) the next readable."""
+    """uint8 images (nc, S, S) from files; a file that cannot be read comes back as its path."""
 
-    def __init__(self, items, nc, transform, substitute=True):
-        self.items, self.nc, self.transform, self.substitute = items, nc, transform, substitute
+    def __init__(self, paths, nc, transform):
+        self.paths, self.nc, self.transform = paths, nc, transform
 
     def __len__(self):
-        return len(self.items)
+        return len(self.paths)
 
     def __getitem__(self, i):
-        if not isinstance(self.items, list):
-            return self.transform(v2.functional.pil_to_tensor(self.items[i][0].convert("L" if self.nc == 1 else "RGB")))
-        for j in range(i, i + (100 if self.substitute else 1)):
-            img = decode_image(self.items[j % len(self.items)], self.nc)
-            if img is not None:
-                return self.transform(img)
-            if self.substitute:
-                warn(f"skipped unreadable image {self.items[j % len(self.items)]}")
-        return None
+        img = decode_image(self.paths[i], self.nc)
+        return self.paths[i] if img is None else self.transform(img)
+
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm",
+                    ".pgm")
 
 
 def list_images(root):
-    """Every image file under root, sorted, hidden folders left out; links followed, never into a cycle."""
+    """Every image file under root, sorted, without hidden folders; links followed, not cycles."""
     paths, seen = [], set()
     for folder, dirs, files in os.walk(root, followlinks=True):
         seen.add(os.path.realpath(folder))
-        dirs[:] = [d for d in sorted(dirs) if d[0] != "." and os.path.realpath(os.path.join(folder, d)) not in seen]
-        paths += [os.path.join(folder, f) for f in sorted(files) if f.lower().endswith(IMAGE_EXTENSIONS)]
+        dirs[:] = [d for d in sorted(dirs)
+                   if d[0] != "." and os.path.realpath(os.path.join(folder, d)) not in seen]
+        paths += [os.path.join(folder, f) for f in sorted(files)
+                  if f.lower().endswith(IMAGE_EXTENSIONS)]
     return paths
 
 
-def build_dataset(opt, ranks):
-    """(uint8 images, channels, cache key): the key follows the files (names, sizes, times), not its path's spelling."""
-    size, kind, root, nc = opt.imageSize, opt.dataset, opt.dataroot, 1 if opt.dataset == "mnist" else 3
+def open_dataset(opt):
+    """--dataset's uint8 images: a tensor (N, C, S, S), or a Dataset (torchvision's downloaded)."""
+    kind, root, size = opt.dataset, opt.dataroot, opt.imageSize
     if kind == "synthetic":
-        return synthetic_faces(8192, size, 3, seed=opt.manualSeed), 3, None
+        return synthetic_faces(8192, size, seed=opt.manualSeed)
     if kind == "fake":
-        g = torch.Generator().manual_seed(opt.manualSeed)
-        return torch.randint(0, 256, (1024, 3, size, size), generator=g, dtype=torch.uint8), 3, None
-    if kind in ("cifar10", "mnist"):  # downloaded into --dataroot (made if missing), once a node
-        items = ranks.local_first(lambda: open_torchvision(kind, root, opt.classes))
-    elif not os.path.isdir(root):
-        raise Fail(EXIT_DATA, f"--dataroot {root} is not a folder; give the folder that holds the {kind} images")
-    elif kind == "lsun":
-        items = open_torchvision(kind, root, opt.classes)
+        rng = torch.Generator().manual_seed(opt.manualSeed)
+        return torch.randint(0, 256, (1024, 3, size, size), generator=rng, dtype=torch.uint8)
+    if kind in ("cifar10", "mnist", "lsun"):
+        return open_torchvision(opt)
+    if not os.path.isdir(root):
+        raise Fail(EXIT_DATA, f"--dataroot {root} is not a folder; give the one with the images")
     folder = os.path.realpath(root)
-    if kind in ("celeba", "folder"):
-        if kind == "celeba":  # the folder that holds img_align_celeba/, that folder, or torchvision's layout
-            inside = (os.path.join(root, "img_align_celeba"), os.path.join(root, "celeba", "img_align_celeba"))
-            folder = os.path.realpath(next((f for f in inside if os.path.isdir(f)), root))
-        items = list_images(folder)
-        if not items:
-            hint = " (expected ROOT/img_align_celeba/*.jpg, see README)" if kind == "celeba" else ""
-            raise Fail(EXIT_DATA, f"--dataroot {root} holds no images ({', '.join(IMAGE_EXTENSIONS[:4])}, ...){hint}")
-    content = hashlib.sha1(f"{opt.classes} {len(items)}".encode())
-    for p in items if isinstance(items, list) else ():
-        content.update(f"{os.path.relpath(p, folder)} {os.stat(p).st_size} {os.stat(p).st_mtime_ns}\n".encode())
-    key = f"{kind}-{size}px-{hashlib.sha1(folder.encode()).hexdigest()[:8]}-{content.hexdigest()[:16]}"
-    return Images(items, nc, image_transform(kind, size)), nc, key
+    if kind == "celeba":  # the folder that holds img_align_celeba/, that folder, or torchvision's
+        inside = [os.path.join(folder, "img_align_celeba"),
+                  os.path.join(folder, "celeba", "img_align_celeba")]
+        folder = next((f for f in inside if os.path.isdir(f)), folder)
+    paths = list_images(folder)
+    if not paths:
+        expected = "ROOT/img_align_celeba/*.jpg" if kind == "celeba" else "*.jpg, *.png, ..."
+        raise Fail(EXIT_DATA, f"--dataroot {root} holds no images (expected {expected})")
+    return Images(paths, opt.nc, image_transform(kind, size))
 
 
-def open_torchvision(kind, root, classes):
+def open_torchvision(opt):
+    """CIFAR-10 or MNIST, downloaded into --dataroot, or LSUN: (uint8 image, label) pairs."""
+    kind, root = opt.dataset, opt.dataroot
+    transform = v2.Compose([v2.PILToTensor(), image_transform(kind, opt.imageSize)])
     try:
         if kind == "lsun":
-            return torchvision.datasets.LSUN(root=root, classes=[c + "_train" for c in classes.split(",")])
+            classes = [c + "_train" for c in opt.classes.split(",")]
+            return torchvision.datasets.LSUN(root, classes, transform=transform)
         os.makedirs(root, exist_ok=True)
-        return {"cifar10": torchvision.datasets.CIFAR10, "mnist": torchvision.datasets.MNIST}[kind](root, download=True)
+        kinds = {"cifar10": torchvision.datasets.CIFAR10, "mnist": torchvision.datasets.MNIST}
+        return kinds[kind](root, download=True, transform=transform)
     except Exception as e:
-        what = "download it there (see README)" if kind == "lsun" else "check the network or download it yourself"
-        raise Fail(EXIT_DATA, f"could not open {kind} in --dataroot {root}: {(str(e).splitlines() or [e])[0]}; {what}")
+        todo = "check the network or download it yourself (README)"
+        if kind == "lsun":
+            todo = "download it there (README)"
+        raise Fail(EXIT_DATA, f"could not open {kind} in --dataroot {root}: "
+                              f"{(str(e).splitlines() or [e])[0]}; {todo}") from None
 
 
-def load_data(opt, dataset, key, nc, device, ranks, log):
-    """The data set decoded once into uint8 (N, C, S, S), memory-mapped from --cache-dir, else in memory."""
+DECODE_VERSION = 2  # part of data_key: raise it when what a decode makes of a file changes
+
+
+def data_key(opt, dataset):
+    """Names the data set as decoded: the files' names, sizes and times (one os.stat each), the
+    image size, the decode's version. A resume needs the same key; a cache of another is redone."""
+    name = f"{opt.dataset}-{opt.imageSize}px"
     if isinstance(dataset, torch.Tensor):
-        data = dataset
-    elif opt.preload is False:
+        return f"{name}-{len(dataset)}"
+    listing = hashlib.sha1(f"{DECODE_VERSION} {len(dataset)} {opt.classes}".encode())
+    for path in getattr(dataset, "paths", ()):
+        stat = os.stat(path)
+        listing.update(f"{path} {stat.st_size} {stat.st_mtime_ns}\n".encode())
+    folder = hashlib.sha1(os.path.realpath(opt.dataroot).encode()).hexdigest()[:8]
+    return f"{name}-{folder}-{listing.hexdigest()[:16]}"
+
+
+def preloaded(opt, dataset, key, log):
+    """The data set as one uint8 tensor (N, C, S, S): memory-mapped from --cache-dir/KEY.npy, else
+    decoded into memory; with --no-preload the Dataset itself, decoded every epoch."""
+    if isinstance(dataset, torch.Tensor) or not opt.preload:
         return dataset
-    else:
-        shape, write = (len(dataset), nc, opt.imageSize, opt.imageSize), ranks.local_rank == 0
-        data = ranks.local_first(lambda: cached_decode(opt, dataset, key, shape, log, write)) if opt.cache_dir else None
-        if data is None:  # decoded into memory
-            data = (out := torch.empty(shape, dtype=torch.uint8))[:decode_all(dataset, opt.workers, log, out)]
-    return data.to(device) if device.type == "cuda" and data.nbytes < torch.cuda.mem_get_info(device)[0] // 2 else data
+    shape = (len(dataset), opt.nc, opt.imageSize, opt.imageSize)
+    if opt.cache_dir:
+        try:
+            with disk_errors(opt.cache_dir, "decoding into memory instead"):
+                path = os.path.join(opt.cache_dir, f"{key}.npy")
+                return cached(dataset, path, shape, opt.workers, log)
+        except Fail as e:
+            warn(str(e))  # no room, no permission: go on without the cache
+    out = torch.empty(shape, dtype=torch.uint8)
+    return out[:decode_all(dataset, opt.workers, log, out)]
 
 
-def cached_decode(opt, dataset, key, shape, log, write):
-    """--cache-dir/KEY.u8 memory-mapped, decoded there first if `write` (local rank 0); None if it cannot be."""
-    item, path = math.prod(shape[1:]), os.path.join(opt.cache_dir, f"{key}.u8")
-    if os.path.isfile(path):
-        log(f"data set: {os.path.getsize(path) // item} images, memory-mapped from cache {path}")
-        return mapped(path, shape)
-    if not write:
-        return None
-    instead = f"decoding into memory ({math.prod(shape) / 2**30:.1f} GiB) instead; --no-preload decodes every epoch"
-    try:
-        with replacing(path, instead) as tmp:
-            os.makedirs(opt.cache_dir, exist_ok=True)
-            with open(tmp, "wb+") as f:  # take the room now: a disk that fills under a mapped file kills the process
-                reserve = getattr(os, "posix_fallocate", None) or (lambda fd, _, size: os.ftruncate(fd, size))
-                reserve(f.fileno(), 0, shape[0] * item)
-                f.truncate(decode_all(dataset, opt.workers, log, mapped(tmp, shape, shared=True)) * item)
-                os.fsync(f.fileno())
-    except Fail as e:
-        if e.code != EXIT_OUTPUT:
-            raise
-        warn(str(e))  # no room, no permission: go on without the cache
-        return None
-    for old in set(glob.glob(os.path.join(glob.escape(opt.cache_dir), key.rsplit("-", 1)[0] + "-*.u8"))) - {path}:
-        remove(old)  # an older decode of the same folder at the same size
+def cached(dataset, path, shape, workers, log):
+    """The cache at path memory-mapped, decoded there first. One process a host decodes, under a
+    lock that ends with its process; the others wait and map its file."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = temporary_name(path)  # the same for every process of a host: a killed one's is reused
+    with open(tmp, "ab") as lock:  # made if missing, never truncated: another process may hold it
+        if fcntl:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        data = mapped(path, shape)
+        if data is not None:
+            log(f"data set: {len(data)} images, memory-mapped from cache {path}")
+            remove(tmp)
+            return data
+        with replacing(path, tmp):
+            decode_into(tmp, dataset, shape, workers, log)
+        folder, name = os.path.split(path)
+        stem, this_host = name.rsplit("-", 1)[0], f".{socket.gethostname()}.tmp"
+        for older in os.listdir(folder):  # earlier decodes of this folder at this size, and this
+            # host's temporaries of them (a killed decode's); other hosts may be decoding theirs
+            if older != name and (older.startswith(stem) or
+                                  older.startswith("." + stem) and older.endswith(this_host)):
+                remove(os.path.join(folder, older))
     log(f"cached the decoded data set in {path}, memory-mapped from there")
     return mapped(path, shape)
 
 
-def mapped(path, shape, shared=False):
-    return torch.from_file(path, shared=shared, size=os.path.getsize(path), dtype=torch.uint8).view(-1, *shape[1:])
+def decode_into(path, dataset, shape, workers, log):
+    """The data set decoded straight into a new .npy file at path, its readable images only."""
+    out = numpy.lib.format.open_memmap(path, "w+", numpy.uint8, shape)
+    with open(path, "r+b") as f:
+        if hasattr(os, "posix_fallocate"):  # the room taken now: a disk that fills under a
+            os.posix_fallocate(f.fileno(), 0, out.offset + out.nbytes)  # mapped file kills
+        count = decode_all(dataset, workers, log, torch.from_numpy(out))
+        out.flush()
+        # the header says how many images the file holds (numpy leaves room for a new count)
+        header = {"descr": "|u1", "fortran_order": False, "shape": (count, *shape[1:])}
+        numpy.lib.format.write_array_header_1_0(f, header)
+        assert f.tell() == out.offset
+        f.truncate(out.offset + count * math.prod(shape[1:]))
+        os.fsync(f.fileno())
+
+
+def mapped(path, shape):
+    """The .npy file memory-mapped (copy-on-write: nothing is written back), or None if it is
+    missing or does not hold whole images of this shape (truncated, say)."""
+    try:
+        images = numpy.load(path, mmap_mode="c")
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        images = None
+    if images is None or images.shape[1:] != shape[1:] or not 0 < len(images) <= shape[0]:
+        warn(f"the cache {path} is damaged or does not match the data set: decoding it again")
+        return None
+    return torch.from_numpy(images)
 
 
 def decode_all(dataset, workers, log, out):
-    """The data set into out (N, C, S, S); returns the count. Unreadable files are named; over 1% stop the run."""
-    dataset = Images(dataset.items, dataset.nc, dataset.transform, substitute=False)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=256, num_workers=workers, collate_fn=stack_readable)
-    bad, done, good, last = [], 0, 0, time.monotonic()
-    for chunk, unreadable in loader:
-        chunk = out[:0] if chunk is None else chunk  # (a batch of nothing but unreadable files)
-        out[good:good + len(chunk)] = chunk
-        bad += [dataset.items[done + i] for i in unreadable]
-        good, done = good + len(chunk), done + len(chunk) + len(unreadable)
-        if time.monotonic() - last > 5 or done == len(dataset):
-            log(f"decoding the data set once: {done}/{len(dataset)} images ({100 * done // len(dataset)}%)")
-            last = time.monotonic()
-    if bad:
-        warn(f"skipped {len(bad)} unreadable image(s): {', '.join(bad[:5])}{' and more' if len(bad) > 5 else ''}")
-    if len(bad) > max(1, len(dataset) // 100) or not good:
-        raise Fail(EXIT_DATA, f"{len(bad)} of {len(dataset)} images in --dataroot could not be read "
-                              f"(first: {bad[0]}); remove or replace them")
-    return good
+    """The data set's images into out (N, C, S, S), readable ones first; returns their count.
+    Unreadable files are named, and more than 1% of them stop the run."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=256, num_workers=workers,
+                                         collate_fn=readable_batch)
+    unreadable, count, last_log = [], 0, time.monotonic()
+    for images, bad in loader:
+        if images is not None:
+            out[count:count + len(images)] = images
+            count += len(images)
+        unreadable += bad
+        if time.monotonic() - last_log > 5 or count + len(unreadable) == len(dataset):
+            log(f"decoding the data set once: {count + len(unreadable)}/{len(dataset)} images")
+            last_log = time.monotonic()
+    if unreadable:
+        more = " and more" if len(unreadable) > 5 else ""
+        warn(f"skipped {len(unreadable)} unreadable image(s): {', '.join(unreadable[:5])}{more}")
+    if len(unreadable) > max(1, len(dataset) // 100) or not count:
+        raise Fail(EXIT_DATA, f"{len(unreadable)} of {len(dataset)} images in --dataroot could "
+                              f"not be read (first: {unreadable[0]}); remove or replace them")
+    return count
 
 
-def stack_readable(items):
-    """The readable images in one tensor (one block of shared memory a batch), and where the others were."""
-    good = [x for x in items if x is not None]
-    return torch.stack(good) if good else None, [i for i, x in enumerate(items) if x is None]
+def readable_batch(items):
+    """(the readable images stacked, or None; the paths of the others). Of (image, label), the
+    image."""
+    items = [x[0] if isinstance(x, tuple) else x for x in items]
+    images = [x for x in items if isinstance(x, torch.Tensor)]
+    return (torch.stack(images) if images else None), [x for x in items if isinstance(x, str)]
+
+
+def ignore_signals(worker_id):
+    """In a data worker: Ctrl-C and SIGTERM reach the whole process group, and are the main
+    process's to act on (it saves, then ends the workers)."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
 
 
 def uint8_batches(data, order, batch_size, workers=0, pin_memory=False):
-    """data[order] in batches of uint8 images: slices of a decoded tensor, or decoded by `workers` processes."""
+    """data[order] in batches: slices of a decoded tensor, or decoded by `workers` processes, where
+    a file that cannot be read stops the run."""
     if isinstance(data, torch.Tensor):
+        order = torch.tensor(order, device=data.device)  # one copy an epoch, not one a step
         yield from (data[order[i:i + batch_size]] for i in range(0, len(order), batch_size))
         return
-    for batch, unreadable in torch.utils.data.DataLoader(data, batch_size, sampler=order, num_workers=workers,
-                                                         collate_fn=stack_readable, pin_memory=pin_memory):
-        if unreadable:  # a worker met 100 in a row; raised here, since a worker's exception comes back as a traceback
-            raise Fail(EXIT_DATA, "100 unreadable images in a row in --dataroot (named above); check the data set")
-        yield batch
+    loader = torch.utils.data.DataLoader(data, batch_size, sampler=order, num_workers=workers,
+                                         collate_fn=readable_batch, pin_memory=pin_memory,
+                                         worker_init_fn=ignore_signals)
+    for images, unreadable in loader:
+        if unreadable:
+            raise Fail(EXIT_DATA, f"{unreadable[0]} cannot be read; remove or replace it")
+        yield images
 
 
-def epoch_batches(data, batch_size, seed, epoch, start=0, rank=0, world=1, workers=0, device=torch.device("cpu"),
-                  memory_format=torch.contiguous_format):
-    """This rank's share of an epoch from batch `start` on, float images in [-1, 1] on the device, in an order
-    from (seed, epoch) alone, so that a resumed run sees the same; full batches only, for BatchNorm."""
-    sampler = torch.utils.data.DistributedSampler(range(len(data)), world, rank, seed=seed, drop_last=True)
+def epoch_batches(data, opt, ranks, epoch, start, device, memory_format):
+    """This rank's batches of an epoch from batch `start` on, in [-1, 1] on the device, in an order
+    from (seed, epoch) alone, as a resumed run sees it; full batches only, for BatchNorm."""
+    sampler = torch.utils.data.DistributedSampler(range(len(data)), ranks.world, ranks.rank,
+                                                  seed=opt.manualSeed, drop_last=True)
     sampler.set_epoch(epoch)
-    order = list(sampler)[start * batch_size:len(sampler) // batch_size * batch_size]
-    for batch in uint8_batches(data, order, batch_size, workers, pin_memory=device.type == "cuda"):
+    order = list(sampler)[start * opt.batchSize:len(sampler) // opt.batchSize * opt.batchSize]
+    for batch in uint8_batches(data, order, opt.batchSize, opt.workers, device.type == "cuda"):
+        batch = batch.to(device, non_blocking=True).float()
         # [0, 255] -> [-1, 1], the range of G's Tanh (section 3)
-        yield batch.to(device, non_blocking=True).float().div_(127.5).sub_(1).contiguous(memory_format=memory_format)
+        yield batch.div_(127.5).sub_(1).contiguous(memory_format=memory_format)
 
 
-# ---- Files. Each is written to a temporary file beside it and renamed into place: a crash leaves the
+# ---- Files. Each is written to a temporary beside it and renamed into place: a crash leaves the
 # old file or the new one, whole. Rank 0 alone writes into --outf.
 def remove(path):
     with contextlib.suppress(OSError):
         shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
 
 
-@contextlib.contextmanager
-def replacing(path, hint="free disk space or fix the permissions of its folder (the previous file there is intact)"):
-    """Yields a temporary name beside path, renamed over it after the block. A failure removes the temporary; the
-    disk's (full, quota, permissions, also inside torch.save, which wraps it) is one line, any other passes."""
+def temporary_name(path):
     folder, name = os.path.split(path)
-    tmp = os.path.join(folder, f".{name}.{socket.gethostname()}.tmp")  # nodes may share a cache folder
+    return os.path.join(folder, f".{name}.{socket.gethostname()}.tmp")  # nodes may share a folder
+
+
+@contextlib.contextmanager
+def disk_errors(path, todo="free disk space or fix its folder's permissions"):
+    """The disk's errors (full, quota, permissions; also inside torch.save, which wraps them) as one
+    line naming path, exit 6; any other error passes."""
     try:
-        yield tmp
-        os.replace(tmp, path)
-        if hasattr(os, "O_DIRECTORY"):  # the rename made durable; Windows cannot open a folder, nor needs to
-            fd = os.open(folder or ".", os.O_RDONLY | os.O_DIRECTORY)
-            os.fsync(fd)
-            os.close(fd)
-    except BaseException as e:
-        remove(tmp)
+        yield
+    except Exception as e:
         cause = e
         while cause is not None and not isinstance(cause, OSError):
             cause = cause.__cause__ or cause.__context__
         if cause is None:
             raise
-        raise Fail(EXIT_OUTPUT, f"could not write {path}: {cause.strerror or cause}; {hint}") from None
+        raise Fail(EXIT_OUTPUT, f"could not write {path}: {cause.strerror or cause}; {todo}") \
+            from None
+
+
+@contextlib.contextmanager
+def replacing(path, tmp=None):
+    """A temporary file or folder (tmp) renamed over path after the block, made durable; a failure
+    removes the temporary and leaves path as it was."""
+    tmp = tmp or temporary_name(path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        remove(tmp)
+        raise
+    with contextlib.suppress(OSError):  # the rename on disk (Windows cannot open a folder)
+        folder = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+        os.fsync(folder)
+        os.close(folder)
 
 
 def atomic_write(path, write):
     """write(f) into a temporary file, flushed, fsynced and renamed over path."""
-    with replacing(path) as tmp, open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
+    with disk_errors(path, "free disk space (the file there is intact)"), replacing(path) as tmp:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
 
 
 def save_grid(images, path, nrow=8):
-    atomic_write(path, lambda f: torchvision.utils.save_image(images, f, "png", nrow=nrow, normalize=True,
-                                                              value_range=(-1, 1)))
+    def write(f):
+        torchvision.utils.save_image(images, f, "png", nrow=nrow, normalize=True,
+                                     value_range=(-1, 1))
+    atomic_write(path, write)
 
 
 def prepare_outf(outf):
     with contextlib.suppress(OSError):
         os.makedirs(outf, exist_ok=True)
-    if not (os.path.isdir(outf) and os.access(outf, os.W_OK)):  # said now, not after the data is loaded
-        raise Fail(EXIT_OUTPUT, f"--outf {outf} cannot be written (not a folder, or read-only); choose another --outf")
+    if not (os.path.isdir(outf) and os.access(outf, os.W_OK)):  # said before the data loads
+        raise Fail(EXIT_OUTPUT, f"--outf {outf} cannot be written (not a folder, or read-only); "
+                                "choose another --outf")
 
 
 def write_png_folder(folder, batches):
-    """Each uint8 image as folder/NNNNNN.png, in a temporary folder renamed when full; returns 64 for a grid."""
+    """Each uint8 image as folder/NNNNNN.png, in a temporary folder renamed when full; returns the
+    first 64 in [-1, 1], for a grid."""
     prepare_outf(os.path.dirname(folder))
     if os.path.isdir(folder) and os.listdir(folder):
         raise Fail(EXIT_OUTPUT, f"{folder} already holds files; choose another --outf")
     grid = []
-    with replacing(folder, "free disk space or choose another --outf") as tmp:
+    with disk_errors(folder, "free disk space or choose another --outf"), replacing(folder) as tmp:
         os.makedirs(tmp)
         for i, img in enumerate(img for batch in batches for img in batch):  # (C, S, S)
-            Image.fromarray(img.permute(1, 2, 0).squeeze(-1).numpy()).save(os.path.join(tmp, f"{i:06d}.png"))
+            pixels = img.permute(1, 2, 0).squeeze(-1).numpy()  # (S, S, C), or (S, S) if grey
+            Image.fromarray(pixels).save(os.path.join(tmp, f"{i:06d}.png"))
             grid += [img] if i < 64 else []
         if hasattr(os, "sync"):
             os.sync()  # every PNG on disk with one call, rather than one fsync a file
@@ -471,136 +579,156 @@ def write_png_folder(folder, batches):
 
 
 def all_finite(obj):
+    """Whether every floating-point tensor in a nested checkpoint is free of inf and NaN."""
     if isinstance(obj, torch.Tensor):
         return not obj.is_floating_point() or bool(torch.isfinite(obj).all())
-    items = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else ()
-    return all(all_finite(x) for x in items)
+    if isinstance(obj, dict):
+        obj = list(obj.values())
+    return not isinstance(obj, (list, tuple)) or all(map(all_finite, obj))
 
 
 def load_file(path, what):
-    """torch.load with the safe loader (a file that would run code is refused unread), after the CRC32 of each
-    zip record, since torch.load takes flipped bytes in a tensor without a word. inf or NaN is damage too."""
+    """torch.load with the safe loader (a file that would run code is refused unread), after the
+    CRC32 of each zip record: torch.load takes flipped bytes in a tensor without a word."""
     if not os.path.isfile(path):
         raise Fail(EXIT_FILE, f"{what} {path} does not exist")
-    record = obj = None
     try:
-        if zipfile.is_zipfile(path):
-            with zipfile.ZipFile(path) as archive:
-                record = archive.testzip()
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
         with warnings.catch_warnings():  # a crafted file makes the loader warn; one line is enough
             warnings.simplefilter("ignore")
-            obj = None if record else torch.load(path, map_location="cpu", weights_only=True)
+            obj = None if damaged else torch.load(path, map_location="cpu", weights_only=True)
     except Exception:
-        raise Fail(EXIT_FILE, f"{what} {path} cannot be loaded: it is empty, truncated, damaged, not a PyTorch file, "
-                              "or holds Python objects beyond tensors (refused unread)") from None
-    if record or not all_finite(obj):
-        why = f"its part {record} fails its checksum" if record else "it holds inf or NaN, which dcgan.py never saves"
+        raise Fail(EXIT_FILE, f"{what} {path} cannot be loaded: it is empty, truncated, damaged, "
+                              "not a PyTorch file, or holds Python objects beyond tensors "
+                              "(refused unread)") from None
+    if damaged or not all_finite(obj):  # inf or NaN, which dcgan.py never saves, is damage too
+        why = f"its part {damaged} fails its checksum" if damaged else "it holds inf or NaN"
         raise Fail(EXIT_FILE, f"{what} {path} is damaged: {why}; use an earlier copy")
     return obj
 
 
-def load_weights(net, path, what, obj=None, key=None):
-    """A weights file (also the PyTorch example's, or a wrapped module's), or part `key` of a checkpoint."""
-    obj = load_file(path, what) if obj is None else obj
-    state = obj[key or what[2:]] if isinstance(obj, dict) and "format" in obj else obj
-    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+def load_weights(net, path, what, key):
+    """Weights into net: a state dict (also the PyTorch example's, or a wrapped module's), or the
+    part `key` of a checkpoint."""
+    state = load_file(path, what)
+    if isinstance(state, dict) and "format" in state:
+        state = state.get(key)
+    if not (isinstance(state, dict) and state and
+            all(isinstance(v, torch.Tensor) for v in state.values())):
         raise Fail(EXIT_FILE, f"{what} {path} is not a state dict of tensors")
-    for prefix in ("_orig_mod.", "module.", "_orig_mod."):  # compile of DDP, DDP of compile
+    for prefix in ("_orig_mod.", "module."):  # torch.compile's, DataParallel's and DDP's
         nn.modules.utils.consume_prefix_in_state_dict_if_present(state, prefix)
     try:
         net.load_state_dict(state)
     except RuntimeError as e:
-        detail = (str(e).splitlines()[1:] or [""])[0].strip()[:200]  # torch's first mismatch
-        raise Fail(EXIT_FILE, f"{what} {path} does not fit the model built from the flags ({detail}); "
-                              "check --nz --ngf --ndf --imageSize and the data set") from None
+        mismatch = (str(e).splitlines()[1:] or [""])[0].strip()[:200]  # torch's first
+        raise Fail(EXIT_FILE, f"{what} {path} does not fit the model built from the flags "
+                              f"({mismatch}); check --nz --ngf --ndf --imageSize, the data") \
+            from None
 
 
-def load_generator(opt):
-    """The G of --netG, its shape read from the file; of a checkpoint its averaged G when it has one."""
-    obj = load_file(opt.netG, "--netG")
+def load_generator(path):
+    """(the G in path, its nz), its shape read from the file; of a checkpoint, the averaged G when
+    it has one."""
+    obj = load_file(path, "--netG")
     key = "netG_ema" if isinstance(obj, dict) and "netG_ema" in obj else "netG"
     state = obj.get(key, obj) if isinstance(obj, dict) else {}
+    convs = [v for v in state.values() if isinstance(v, torch.Tensor) and v.dim() == 4]
     try:
-        convs = [v for v in state.values() if isinstance(v, torch.Tensor) and v.dim() == 4]
-        netG = Generator(convs[0].shape[0], convs[-1].shape[0], convs[-1].shape[1], 2 ** (len(convs) + 1))
-    except (AttributeError, IndexError, ValueError):
-        raise Fail(EXIT_FILE, f"--netG {opt.netG} is not a generator state dict") from None
-    load_weights(netG, opt.netG, "--netG", obj, key)
-    return netG.eval()
+        nz, ngf, nc = convs[0].shape[0], convs[-1].shape[0], convs[-1].shape[1]
+        netG = Generator(nz, ngf, nc, 2 ** (len(convs) + 1))
+    except (IndexError, ValueError):
+        raise Fail(EXIT_FILE, f"--netG {path} is not a generator state dict") from None
+    load_weights(netG, path, "--netG", key)
+    return netG.eval(), nz
 
 
-# What a resumed run must share with the run that wrote its checkpoint
-ARCHITECTURE = ("nz", "ngf", "ndf", "nc", "imageSize", "batchSize", "manualSeed")
-LOG_FIELDS = ["epoch", "iter", "step", "loss_d", "loss_g", "d_x", "d_g_z1", "d_g_z2", "img_per_s", "warning"]
+# What a resumed run must share with the run that wrote its checkpoint: the networks' shapes, the
+# batches and their order, the noise (whose generator differs between device types)
+MUST_MATCH = ("nz", "ngf", "ndf", "nc", "imageSize", "batchSize", "manualSeed", "processes",
+              "device", "data")
+LOG_FIELDS = ["epoch", "iter", "step", "loss_d", "loss_g", "d_x", "d_g_z1", "d_g_z2", "img_per_s",
+              "warning"]
+FORMAT = 2  # of checkpoint.pt
 
 
 def read_checkpoint(path, config):
     ckpt = load_file(path, "--resume checkpoint")
-    needed = {"format", "netG", "netD", "optG", "optD", "epoch", "iter", "step", "fixed_noise", "config", "history"}
-    if not isinstance(ckpt, dict) or not needed <= ckpt.keys():
-        raise Fail(EXIT_FILE, f"--resume {path} is not a checkpoint written by dcgan.py (give OUTF/checkpoint.pt)")
-    if ckpt["format"] != 1:
-        raise Fail(EXIT_FILE, f"--resume {path} has checkpoint format {ckpt['format']}; this dcgan.py reads 1")
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise Fail(EXIT_FILE, f"--resume {path} is not a checkpoint of this dcgan.py (format "
+                              f"{FORMAT}; earlier ones cannot be resumed); start a new --outf")
     saved = ckpt["config"]
-    diff = [f"{k} {saved.get(k)} saved vs {config[k]} requested" for k in ARCHITECTURE if saved.get(k) != config[k]]
-    if diff:
-        raise Fail(EXIT_FILE, f"--resume {path} was made with other settings: {'; '.join(diff)}; "
-                              "pass the saved values or start a new --outf")
-    if saved.get("world", 1) != config["world"]:
-        raise Fail(EXIT_FILE, f"--resume {path} was written by {saved.get('world', 1)} process(es), this run "
-                              f"has {config['world']}: resume with as many (the shards and the noise depend on it)")
+    differ = [f"{k} {saved[k]} saved vs {config[k]} now"
+              for k in MUST_MATCH if saved[k] != config[k]]
+    if differ:
+        raise Fail(EXIT_FILE, f"--resume {path} cannot go on exactly: {'; '.join(differ)}; resume "
+                              "with its flags, data, device type and processes, or a new --outf")
     return ckpt
 
 
+def load_optimizer(optimizer, saved):
+    """Adam's saved state with this run's --lr, --beta1 and device settings, its moments in the
+    memory layout of their parameters (fused Adam walks both as flat memory)."""
+    optimizer.load_state_dict(saved)
+    for group in optimizer.param_groups:
+        group.update({k: optimizer.defaults[k] for k in ("lr", "betas", "fused", "capturable")})
+    for param, state in optimizer.state.items():
+        for k, v in state.items():
+            if v.shape == param.shape:  # (not the step count)
+                state[k] = torch.empty_like(param).copy_(v)
+
+
 def write_rows(path, rows, mode="a"):
-    """Rows of losses.csv, floats to 6 digits; mode "w" starts it again (from a checkpoint's history on resume)."""
-    try:
-        with open(path, mode, newline="") as f:
-            csv.writer(f, lineterminator="\n").writerows([f"{v:.6g}" if isinstance(v, float) else v for v in row]
-                                                         for row in rows)
-    except OSError as e:
-        raise Fail(EXIT_OUTPUT, f"could not write {path}: {e.strerror}; free disk space or fix its folder") from None
+    """Rows of losses.csv, floats to 6 digits; mode "w" starts it again."""
+    with disk_errors(path), open(path, mode, newline="") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        for row in rows:
+            writer.writerow([f"{v:.6g}" if isinstance(v, float) else v for v in row])
 
 
 # ---- Devices and processes: one process, or one a device under torchrun
 def pick_device(opt, local_rank=0, world=1):
-    """--device, --cuda or --accel, else the current accelerator, else the CPU; under torchrun LOCAL_RANK's."""
+    """--device, --cuda or --accel, else the current accelerator, else the CPU; under torchrun the
+    device of LOCAL_RANK."""
     accel = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
     flag = f"--device {opt.device}" if opt.device else "--cuda" if opt.cuda else "--accel"
-    if opt.accel and accel is None:  # as in pytorch/examples: no accelerator is not an error, the CPU runs it
+    if opt.accel and accel is None:  # as in pytorch/examples: the CPU runs it
         warn("--accel was given but no accelerator is present; running on the CPU")
     try:
-        device = torch.device(opt.device or ("cuda" if opt.cuda else accel.type if accel else "cpu"))
+        device = torch.device(opt.device or ("cuda" if opt.cuda else getattr(accel, "type", "cpu")))
     except RuntimeError:
-        raise Fail(EXIT_DEVICE, f"{flag} is not a device: use cpu, cuda, cuda:1, mps or xpu") from None
+        raise Fail(EXIT_DEVICE, f"{flag} is not a device: use cpu, cuda, cuda:1, mps or xpu") \
+            from None
     if world > 1 and (device.index is not None or opt.ngpu > 1):
-        raise Fail(EXIT_USAGE, f"{flag if device.index is not None else '--ngpu'}: under torchrun each process takes "
-                               f"the device of its LOCAL_RANK; use --device {device.type} and --nproc_per_node")
+        raise Fail(EXIT_USAGE, f"{flag if opt.ngpu == 1 else '--ngpu'}: under torchrun each process"
+                               " takes its LOCAL_RANK's device; use --nproc_per_node")
     if opt.ngpu > 1 and device.type != "cuda":
-        raise Fail(EXIT_DEVICE, f"--ngpu {opt.ngpu} is for CUDA GPUs, and the device is {device.type}")
+        raise Fail(EXIT_DEVICE, f"--ngpu {opt.ngpu} is for CUDA GPUs, and the device is {device}")
     if device.type == "cpu":
         return device
-    if accel is None or accel.type != device.type:
-        raise Fail(EXIT_DEVICE, f"{flag}: this torch sees no {device.type} device; drop {flag.split()[0]} for the CPU")
-    index, count = local_rank if device.index is None else device.index, torch.accelerator.device_count()
-    if index + opt.ngpu > count:
-        raise Fail(EXIT_DEVICE, f"{flag}{f' --ngpu {opt.ngpu}' if opt.ngpu > 1 else ''}: needs {device.type} device "
-                                f"{index + opt.ngpu - 1}, but {count} are present")
+    index = local_rank if device.index is None else device.index
+    present = torch.accelerator.device_count() if accel and accel.type == device.type else 0
+    if index + opt.ngpu > present:
+        gpus = f" --ngpu {opt.ngpu}" if opt.ngpu > 1 else ""
+        raise Fail(EXIT_DEVICE, f"{flag}{gpus}: needs {device.type} device {index + opt.ngpu - 1},"
+                                f" and this torch sees {present}; drop the flag for the CPU")
     torch.accelerator.set_device_index(index)
     return torch.device(device.type, index)
 
 
 class Ranks:
-    """This process under torchrun, and the collectives besides DDP's, on a CPU gloo group: none waits for a GPU."""
+    """This process's place under torchrun, and the collectives besides DDP's, on a CPU gloo group
+    (none of them waits for a GPU)."""
 
     def __init__(self, world=1):
-        self.rank, self.world, self.local_rank, self.group = 0, world, 0, None
+        self.rank, self.local_rank, self.world, self.group = 0, 0, world, None
         if world > 1:
             dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
             self.rank, self.local_rank = dist.get_rank(), int(os.environ.get("LOCAL_RANK", 0))
-            # The control group: gloo on the CPU, with time for one node to decode CelebA while the others wait
+            # with time for one node to decode CelebA while the others wait
             self.group = dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=4))
-        self.main = self.rank == 0
+        self.is_main = self.rank == 0
 
     def gather(self, obj):
         out = [obj] * self.world
@@ -608,8 +736,9 @@ class Ranks:
             dist.all_gather_object(out, obj, group=self.group)
         return out
 
-    def run(self, fn, *args):
-        """fn(*args) on every rank, then agree: a Fail on any rank ends every rank with it, none left waiting."""
+    def agree(self, fn, *args):
+        """fn(*args) on every rank, then a Fail on any rank ends every rank with it. fn runs no
+        collective itself, or the ranks could pair theirs wrongly."""
         try:
             result, error = fn(*args), None
         except Fail as e:
@@ -623,334 +752,380 @@ class Ranks:
 
     def on_main(self, fn, *args):
         """fn(*args) on rank 0, which alone writes files; every rank learns if it failed."""
-        return self.run(fn if self.main else lambda *a: None, *args)
+        return self.agree(fn if self.is_main else do_nothing, *args)
 
-    def local_first(self, fn):
-        """fn() on each node's local rank 0 (a download, a decode), then on the others, which find it on disk."""
-        first = self.run(fn if self.local_rank == 0 else lambda: None)
-        later = self.run(fn if self.local_rank != 0 else lambda: None)
+    def local_first(self, fn, *args):
+        """fn(*args) on each node's local rank 0 (a download, a decode), then on the others, which
+        find its work on disk."""
+        first = self.agree(fn if self.local_rank == 0 else do_nothing, *args)
+        later = self.agree(fn if self.local_rank != 0 else do_nothing, *args)
         return first if self.local_rank == 0 else later
 
-    def max(self, values):
-        """The element-wise max of a few integers over the ranks: a blocking all-reduce on the CPU."""
-        t = torch.tensor(values)
+    def max_over_ranks(self, values):
+        """The element-wise max of a few integers over the ranks (a blocking all-reduce)."""
+        values = torch.tensor(values)
         if self.world > 1:
-            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
-        return t.tolist()
+            dist.all_reduce(values, op=dist.ReduceOp.MAX, group=self.group)
+        return values.tolist()
 
 
-class Signals:
-    """SIGINT and SIGTERM (how clusters pre-empt jobs): the first is noted, and the loop saves and exits. A second
-    ends the process at once, even in a collective: the C-level handler writes it to a socket a thread reads."""
+class StopSignal:
+    """SIGINT (Ctrl-C) and SIGTERM (how clusters pre-empt jobs): the first is noted (the loop saves
+    and exits after its step) and the default action is back, so a second ends the process at once;
+    not if the first never reached Python, while a collective waits inside one C call."""
 
     def __enter__(self):
-        self.first, self.kinds = 0, (signal.SIGINT, signal.SIGTERM)
-        self.handlers = {s: signal.signal(s, lambda *args: None) for s in self.kinds}
-        self.reader, self.writer = socket.socketpair()
-        self.writer.setblocking(False)
-        self.wakeup = signal.set_wakeup_fd(self.writer.fileno(), warn_on_full_buffer=False)
-        threading.Thread(target=self.watch, daemon=True).start()
+        self.signum = 0
+        self.handlers = {s: signal.signal(s, self.note) for s in (signal.SIGINT, signal.SIGTERM)}
         return self
 
-    def watch(self):
-        with self.reader:
-            while data := self.reader.recv(64):  # b"" once the writer is closed: the run is over
-                for signum in (s for s in data if s in self.kinds):
-                    if self.first:
-                        os.write(2, f"dcgan.py: signal {signum} again: stopped at once, without saving\n".encode())
-                        os._exit(128 + signum)
-                    self.first = signum
+    def note(self, signum, frame):
+        self.signum = self.signum or signum
+        for s in self.handlers:
+            signal.signal(s, signal.SIG_DFL)
 
     def __exit__(self, *exc):
-        signal.set_wakeup_fd(self.wakeup)
-        for s, h in self.handlers.items():
-            signal.signal(s, h)
-        self.writer.close()
+        for s, handler in self.handlers.items():
+            signal.signal(s, handler)
 
 
-# ---- Speed: precision, memory format, compile, CUDA graphs, and the networks wrapped for several
-# devices. None of it changes what a step computes, only how fast.
+# ---- Speed: precision, memory format, CUDA graphs, the networks wrapped for several devices.
+# None of it changes what a step computes, only how fast.
 def speed_settings(opt, device, world):
-    """(dtype, memory format, cuda_graph): every speed decision in one place; the defaults are measured (README)."""
+    """(autocast dtype or None, memory format, whether a CUDA graph runs each step): every speed
+    decision in one place; the defaults are measured (README)."""
     if opt.amp == "fp16" and device.type != "cuda":
         raise Fail(EXIT_USAGE, "--amp fp16 needs a CUDA GPU; use --amp bf16 or --amp off")
-    # auto is fp32 (TF32 convolutions on CUDA): bf16 learned worse
-    dtype = {"auto": None, "off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[opt.amp]
+    amp_dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[opt.amp]
     channels_last = opt.channels_last
-    if channels_last is None:  # (compiled channels-last convolution backward failed on torch 2.11)
-        channels_last = device.type in ("cuda", "cpu") and not opt.compile
+    if channels_last is None:
+        channels_last = device.type in ("cuda", "cpu")
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    # One CUDA graph a step needs one CUDA GPU in one process, and no fp16: its scaler reads its inf check
-    cuda_graph = opt.cuda_graphs is not False and device.type == "cuda" and opt.amp != "fp16" and world == opt.ngpu == 1
-    torch.backends.cudnn.benchmark = True  # every batch has the same shape: let cuDNN time its kernels once
-    return dtype, memory_format, cuda_graph
+    # One CUDA graph a step: one CUDA GPU in one process, no fp16 (its scaler syncs with the host)
+    cuda_graph = opt.cuda_graphs and device.type == "cuda" and opt.amp != "fp16" and \
+        world == opt.ngpu == 1
+    torch.backends.cudnn.benchmark = True  # every batch has one shape: cuDNN times its kernels once
+    return amp_dtype, memory_format, cuda_graph
 
 
 def wrap(net, opt, device, world):
-    """What runs net: DDP under torchrun, DataParallel with --ngpu, torch.compile on top; the plain net is saved."""
+    """What runs net: DDP under torchrun, DataParallel with --ngpu; the plain net is saved."""
     if world > 1:
-        # No buffer sync in forward: D runs on the real and the fake batch before one backward, and a sync between
-        # them changes BatchNorm's buffers in place under autograd (the DDP + BatchNorm error). Training uses batch
-        # statistics; the older flag also skips the sync at construction, where every rank has the same buffers.
+        # No buffer sync in forward: D runs on the real and the fake batch before one backward,
+        # and a sync between them changes BatchNorm's buffers in place under autograd. Training
+        # uses batch statistics; the older flag also skips the sync at construction, where every
+        # rank has the same buffers.
         ddp = nn.parallel.DistributedDataParallel
-        flag = next(f for f in ("forward_sync_buffers", "broadcast_buffers") if f in inspect.signature(ddp).parameters)
-        net = ddp(net, device_ids=[device.index] if device.type == "cuda" else None, **{flag: False})
-    elif opt.ngpu > 1:
-        net = nn.DataParallel(net, list(range(device.index, device.index + opt.ngpu)))
-    return torch.compile(net) if opt.compile else net
+        flag = "forward_sync_buffers"
+        if flag not in inspect.signature(ddp).parameters:
+            flag = "broadcast_buffers"
+        device_ids = [device.index] if device.type == "cuda" else None
+        return ddp(net, device_ids=device_ids, **{flag: False})
+    if opt.ngpu > 1:
+        return nn.DataParallel(net, list(range(device.index, device.index + opt.ngpu)))
+    return net
 
 
-# ---- The run: set up, resume, then the loop (a step, maybe a log line, maybe a save, maybe a stop)
+# ---- The run: set up, resume, then the loop (a step, maybe a log line, a save, a stop)
+def check_outf(opt, resume_path, is_main):
+    """--outf may hold no other run than the one resumed; said before the data loads."""
+    ckpt_path = os.path.join(opt.outf, "checkpoint.pt")
+    resumed_here = opt.resume is not None and os.path.realpath(resume_path) == \
+        os.path.realpath(ckpt_path)
+    if is_main and os.path.exists(ckpt_path) and not resumed_here:
+        todo = "a --dry-run would overwrite its files" if opt.dry_run else "--resume continues it"
+        raise Fail(EXIT_OUTPUT, f"--outf {opt.outf} already holds a run; {todo}, or choose "
+                                "another --outf")
+    if is_main:
+        prepare_outf(opt.outf)
+
+
+def diverged(what, epoch, last_good):
+    return Fail(EXIT_DIVERGED, f"training diverged: {what} (epoch {epoch}); nothing after it was "
+                               f"saved; last good checkpoint: {last_good or 'none yet'}; try a "
+                               "lower --lr")
+
+
+def plot_losses(history, path):
+    """losses.png, when matplotlib is installed (it is optional)."""
+    with contextlib.suppress(ImportError):
+        from matplotlib.figure import Figure  # no pyplot: no window, no backend to choose
+        ax = Figure(figsize=(10, 5)).subplots()
+        for key, name in (("loss_g", "G"), ("loss_d", "D")):
+            ax.plot(history["step"], history[key], label=name)
+        ax.set(xlabel="iteration", ylabel="loss", title="Generator and discriminator loss")
+        ax.legend()
+        atomic_write(path, lambda f: ax.figure.savefig(f, format="png"))
+
+
 class Run:
-    """One training run on one process. Rank 0 alone writes files; all ranks take every other decision together."""
+    """One training run on this process: the networks, optimizers, noise and position, and what
+    each step leads to. Rank 0 alone writes files; all ranks take every other decision together."""
 
-    def __init__(self, opt, device, ranks):
-        """Everything that may find a mistake in the flags, files or data, on every rank before any collective."""
+    def __init__(self, opt, device, ranks, dataset):
+        """What can find a mistake in the flags or files (--outf, the checkpoint, the weights to
+        start from), on every rank, before any collective."""
         self.opt, self.device, self.ranks = opt, device, ranks
-        self.log = print if ranks.main else (lambda *a, **k: None)
-        self.dtype, self.memory_format, self.cuda_graph = speed_settings(opt, device, ranks.world)
+        self.log = print if ranks.is_main else do_nothing
+        self.amp_dtype, self.memory_format, self.cuda_graph = speed_settings(opt, device,
+                                                                             ranks.world)
         self.ckpt_path = os.path.join(opt.outf, "checkpoint.pt")
-        self.resume_path = (opt.resume or self.ckpt_path) if opt.resume is not None else None
-        if ranks.main and self.resume_path is None and os.path.exists(self.ckpt_path):
-            what = "a --dry-run would overwrite its epoch-0 files" if opt.dry_run else "pass --resume to continue it"
-            raise Fail(EXIT_OUTPUT, f"--outf {opt.outf} already holds a run; {what}, or choose another --outf")
-        if ranks.main:
-            prepare_outf(opt.outf)
-        self.dataset, self.nc, self.key = build_dataset(opt, ranks)
-        self.config = dict(vars(opt), nc=self.nc, world=ranks.world)
-        self.ckpt = read_checkpoint(self.resume_path, self.config) if self.resume_path is not None else None
+        resume_path = opt.resume or self.ckpt_path
+        check_outf(opt, resume_path, ranks.is_main)
+        self.config = dict(vars(opt), processes=ranks.world, device=device.type,
+                           data=data_key(opt, dataset))
+        self.ckpt = None if opt.resume is None else read_checkpoint(resume_path, self.config)
+        self.last_good = resume_path if self.ckpt else None
         torch.manual_seed(opt.manualSeed)
-        self.netG = Generator(opt.nz, opt.ngf, self.nc, opt.imageSize)
-        self.netD = Discriminator(self.nc, opt.ndf, opt.imageSize)
+        self.netG = Generator(opt.nz, opt.ngf, opt.nc, opt.imageSize)
+        self.netD = Discriminator(opt.ndf, opt.nc, opt.imageSize)
         for net, path, what in ((self.netG, opt.netG, "--netG"), (self.netD, opt.netD, "--netD")):
             net.apply(weights_init)
             if path:
-                load_weights(net, path, what)
+                load_weights(net, path, what, what[2:])
         self.fixed_noise = torch.randn(64, opt.nz, 1, 1)
-        self.noise_gen = torch.Generator(device).manual_seed(opt.manualSeed + ranks.rank)  # each rank its own noise
+        # each rank draws its own noise
+        self.noise_rng = torch.Generator(device).manual_seed(opt.manualSeed + ranks.rank)
         self.history = {k: [] for k in LOG_FIELDS}
         self.epoch = self.it = self.step = 0
-        self.last_good, self.d_wins_since, self.warned = None, None, set()
+        self.d_wins_since, self.warned = None, set()
 
-    def load_data(self):
-        opt, world = self.opt, self.ranks.world
-        self.data = load_data(opt, self.dataset, self.key, self.nc, self.device, self.ranks, self.log)
-        self.per_epoch = len(self.data) // (opt.batchSize * world)
+    def start(self, data):
+        """The data, the networks on the device (DDP wraps them here), the optimizers, and a
+        resumed run's state."""
+        opt, device, world = self.opt, self.device, self.ranks.world
+        self.data, self.per_epoch = data, len(data) // (opt.batchSize * world)
         if self.per_epoch == 0:
-            raise Fail(EXIT_DATA, f"the data set has {len(self.data)} images, fewer than one batch of --batchSize "
-                                  f"{opt.batchSize}{f' x {world} processes' if world > 1 else ''}; lower --batchSize")
-
-    def start(self):
-        """The networks on the device (DDP wraps them here), the optimizers, a resumed run's state."""
-        opt, device = self.opt, self.device
-        self.g, self.d = (wrap(net.to(device, memory_format=self.memory_format), opt, device, self.ranks.world)
-                          for net in (self.netG, self.netD))
-        # Adam as in section 4; fused: one kernel for all tensors; capturable: it runs inside the CUDA graph
-        adam = dict(betas=(opt.beta1, 0.999), fused=device.type in ("cuda", "cpu"), capturable=self.cuda_graph)
-        self.optG = torch.optim.Adam(self.netG.parameters(), lr=opt.lr_g or opt.lr, **adam)
-        self.optD = torch.optim.Adam(self.netD.parameters(), lr=opt.lr_d or opt.lr, **adam)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
-        self.netG_ema = copy.deepcopy(self.netG).requires_grad_(False).eval() if opt.ema else None
-        if self.ckpt is not None:
+            raise Fail(EXIT_DATA, f"the data set has {len(data)} images, fewer than one batch of "
+                                  f"--batchSize {opt.batchSize} on {world} process(es)")
+        self.g, self.d = (wrap(net.to(device, memory_format=self.memory_format), opt, device,
+                               world) for net in (self.netG, self.netD))
+        # Adam as in section 4; fused: one kernel for all tensors; capturable: inside the graph
+        adam = dict(lr=opt.lr, betas=(opt.beta1, 0.999), fused=device.type in ("cuda", "cpu"),
+                    capturable=self.cuda_graph)
+        self.optG = torch.optim.Adam(self.netG.parameters(), **adam)
+        self.optD = torch.optim.Adam(self.netD.parameters(), **adam)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
+        self.netG_ema = None
+        if opt.ema:
+            self.netG_ema = copy.deepcopy(self.netG).requires_grad_(False).eval()
+        if self.ckpt:
             self.resume(self.ckpt)
             self.ckpt = None  # free it
-        if self.netG_ema is not None:  # the tensors the average reads and writes, fixed for the run
+        if self.netG_ema is not None:  # the tensors that the average reads and writes
             self.ema_pairs = [[x for x in net.state_dict().values() if x.is_floating_point()]
                               for net in (self.netG_ema, self.netG)]
         self.fixed_noise = self.fixed_noise.to(device)
-        self.sums = torch.zeros(5, device=device)  # the sums of train_step's values since the last log line
-        self.step_t = torch.tensor(self.step, device=device)  # the step on the device, for the average's warm-up
+        self.sums = torch.zeros(5, device=device)  # train_step's values since the last log line
+        self.step_t = torch.tensor(self.step, device=device)  # for the average's warm-up
         self.graph, self.warmup = None, 0
 
     def resume(self, ckpt):
-        """Networks, optimizers, the averaged G, the scaler, this rank's RNG states and the position."""
+        """The networks, optimizers, averaged G, scaler, noise and position of the checkpoint."""
         for net, optimizer, name in ((self.netG, self.optG, "G"), (self.netD, self.optD, "D")):
             net.load_state_dict(ckpt["net" + name])
-            optimizer.load_state_dict(ckpt["opt" + name])
-            for group in optimizer.param_groups:  # this run's --lr and device, not the saved ones
-                group.update({k: optimizer.defaults[k] for k in ("lr", "fused", "capturable")})
+            load_optimizer(optimizer, ckpt["opt" + name])
         if self.netG_ema is not None:  # (a run that starts averaging on resume starts from G)
             self.netG_ema.load_state_dict(ckpt.get("netG_ema", self.netG.state_dict()))
-        if ckpt.get("scaler"):
-            self.scaler.load_state_dict(ckpt["scaler"])
-        rng = ckpt.get("rng_ranks", [ckpt["rng"]])[self.ranks.rank]  # this rank's own states
-        torch.set_rng_state(rng["torch"])
-        self.noise_gen.set_state(rng["noise"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        self.noise_rng.set_state(ckpt["noise_rng"][self.ranks.rank])  # this rank's own noise
         self.fixed_noise, self.history = ckpt["fixed_noise"], ckpt["history"]
-        self.history.setdefault("warning", [""] * len(self.history["step"]))  # (checkpoints before the column)
         self.epoch, self.it, self.step = ckpt["epoch"], ckpt["iter"], ckpt["step"]
-        self.last_good = self.resume_path
-        self.log(f"resumed from {self.resume_path} at epoch {self.epoch}, iteration {self.it} (step {self.step})")
+        self.log(f"resumed from {self.last_good} at epoch {self.epoch}, iteration {self.it} "
+                 f"(step {self.step})")
 
-    def checkpoint(self):
-        """Everything a run needs to go on exactly, every rank's RNG states included: each rank draws its own noise."""
-        every_rank = self.ranks.gather({"torch": torch.get_rng_state(), "noise": self.noise_gen.get_state()})
-        ckpt = {"format": 1, "netG": self.netG.state_dict(), "netD": self.netD.state_dict(),
-                "optG": self.optG.state_dict(), "optD": self.optD.state_dict(), "scaler": self.scaler.state_dict(),
-                "epoch": self.epoch, "iter": self.it, "step": self.step, "fixed_noise": self.fixed_noise.cpu(),
-                "config": self.config, "rng": every_rank[0], "rng_ranks": every_rank, "history": self.history}
-        return ckpt if self.netG_ema is None else {**ckpt, "netG_ema": self.netG_ema.state_dict()}
-
-    def train_one(self, real):
-        """One iteration, eager or replayed as one CUDA graph (captured after three on a side stream): at batch
-        128 a step is hundreds of small kernels, and launching them from Python costs more than running them."""
-        z = torch.randn(real.shape[0], self.opt.nz, 1, 1, device=self.device, generator=self.noise_gen)
-        if self.graph is not None:  # replay the captured step on new inputs
+    def train_one(self, real, z):
+        """One iteration on the device: train_step, the average's update, the sums for the log.
+        On one CUDA GPU it is captured as a CUDA graph after three warm-up iterations on a side
+        stream, then replayed: at batch 128 a step is hundreds of small kernels, and launching
+        them from Python costs more than running them."""
+        if self.graph is not None:  # replay the captured iteration on new inputs
             self.static_real.copy_(real)
             self.static_z.copy_(z)
             self.graph.replay()
-        elif not self.cuda_graph:
-            self.iteration(real, z)
-        elif self.warmup < 3:
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):
-                self.iteration(real, z)
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            self.warmup += 1
-        else:  # capture once; capturing does not run the step, so replay it at once
-            self.static_real, self.static_z, self.graph = real.clone(), z.clone(), torch.cuda.CUDAGraph()
+            return
+        context, capture = contextlib.nullcontext(), self.cuda_graph and self.warmup == 3
+        if capture:  # capturing records the iteration without running it: replayed below
+            self.static_real, self.static_z = real, z = real.clone(), z.clone()
+            self.graph = torch.cuda.CUDAGraph()
             # thread_local: the DataLoader's pin-memory thread may use CUDA while this one captures
-            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
-                self.iteration(self.static_real, self.static_z)
+            context = torch.cuda.graph(self.graph, capture_error_mode="thread_local")
+        elif self.cuda_graph:
+            context = torch.cuda.stream(torch.cuda.Stream(self.device))  # a warm-up iteration
+            self.warmup += 1
+            context.stream.wait_stream(torch.cuda.current_stream(self.device))
+        with context:
+            self.sums += train_step(self.g, self.d, self.optG, self.optD, real, z,
+                                    self.amp_dtype, self.scaler)
+            if self.netG_ema is not None:
+                update_average(*self.ema_pairs, self.step_t, self.opt.ema)
+            self.step_t += 1
+        if capture:
             self.graph.replay()
-
-    def iteration(self, real, z):
-        """train_step and what follows it on the device, all inside the graph when there is one."""
-        self.sums += train_step(self.g, self.d, self.optG, self.optD, real, z, self.opt.real_label, self.dtype,
-                                self.scaler)
-        if self.netG_ema is not None:
-            update_average(*self.ema_pairs, self.step_t, self.opt.ema)
-        self.step_t += 1
+        elif self.cuda_graph:
+            torch.cuda.current_stream(self.device).wait_stream(context.stream)
 
     def loop(self):
-        opt, ranks, total = self.opt, self.ranks, 1 if self.opt.dry_run else self.opt.niter * self.per_epoch
+        """Steps until --niter epochs, --max-steps or a signal; returns the exit code."""
+        opt = self.opt
+        total = 1 if opt.dry_run else opt.niter * self.per_epoch
         if self.step >= total:
-            self.log(f"the run in {opt.outf} is finished ({self.epoch} epochs, {self.step} iterations); to train "
-                     f"longer, --resume with a --niter above {self.epoch}")
+            self.log(f"the run in {opt.outf} is finished ({self.epoch} epochs, {self.step} "
+                     f"iterations); to train longer, --resume with a --niter above {self.epoch}")
             return 0
-        total = min(total, self.step + opt.max_steps) if opt.max_steps else total
+        if opt.max_steps:
+            total = min(total, self.step + opt.max_steps)
+        first_step = self.step
         self.begin()
-        with Signals() as signals:
+        with StopSignal() as stop:
             while self.step < total:
-                first, began = self.it, time.monotonic()
-                for real in epoch_batches(self.data, opt.batchSize, opt.manualSeed, self.epoch, self.it, ranks.rank,
-                                          ranks.world, opt.workers, self.device, self.memory_format):
-                    self.train_one(real)
+                began = time.monotonic()
+                for real in epoch_batches(self.data, opt, self.ranks, self.epoch, self.it,
+                                          self.device, self.memory_format):
+                    z = torch.randn(real.shape[0], opt.nz, 1, 1, device=self.device,
+                                    generator=self.noise_rng)
+                    self.train_one(real, z)
                     self.step, self.it = self.step + 1, self.it + 1
-                    if self.it % opt.log_every == 0 or self.it == self.per_epoch or self.step == total:
+                    if self.it % opt.log_every == 0 or self.it == self.per_epoch or \
+                            self.step == total:
                         self.log_progress(total)
-                    late = bool(opt.save_minutes) and time.monotonic() - self.last_save > 60 * opt.save_minutes
-                    signum, save_now = ranks.max([signals.first, int(late)])  # every rank decides alike
-                    if signum or save_now or (opt.save_every and self.step % opt.save_every == 0):
-                        self.save()
+                    signum = self.save_if_due(stop.signum)
                     if signum:
-                        self.log(f"stopped by signal {signum} at epoch {self.epoch}, iteration {self.it}; continue "
-                                 f"with --resume (checkpoint {self.ckpt_path})", flush=True)
+                        self.log(f"stopped by signal {signum} at epoch {self.epoch}, iteration "
+                                 f"{self.it}; continue with --resume", flush=True)
                         return 128 + signum
                     if self.step == total:
                         break
-                if self.it == self.per_epoch and not opt.dry_run:
-                    self.log(f"epoch {self.epoch} done: {self.it - first} iterations, {time.monotonic() - began:.1f} s")
+                if self.it == self.per_epoch:  # (else --max-steps or --dry-run ended it)
+                    self.log(f"epoch {self.epoch} done: {time.monotonic() - began:.1f} s")
                     self.epoch, self.it = self.epoch + 1, 0
-                    self.save(finished=self.epoch - 1)
-        if opt.dry_run:
-            self.save(finished=0)
-        elif self.it:  # mid-epoch
+                    self.save(epoch_done=self.epoch - 1)
+        return self.finish(first_step)
+
+    def save_if_due(self, signum):
+        """Saves on a signal, --save-every or --save-minutes, as every rank decides alike; returns
+        the signal's number, or 0."""
+        opt = self.opt
+        late = opt.save_minutes > 0 and time.monotonic() - self.last_save > 60 * opt.save_minutes
+        signum, late = self.ranks.max_over_ranks([signum, int(late)])
+        if signum or late or (opt.save_every and self.step % opt.save_every == 0):
             self.save()
-            self.log(f"stopped after {self.step - self.first_step} iterations (--max-steps); {self.ckpt_path} saved")
+        return signum
+
+    def finish(self, first_step):
+        """The last save and line of a run that no signal stopped; returns the exit code, 0."""
+        if self.it and self.opt.dry_run:  # epoch 0's files, and no checkpoint
+            self.save(epoch_done=0)
+        elif self.it:
+            self.save()
+            self.log(f"stopped after {self.step - first_step} iterations (--max-steps); "
+                     f"{self.ckpt_path} saved")
             return 0
-        self.log(f"done: {self.step} iterations; samples, weights{'' if opt.dry_run else ', checkpoint'} in {opt.outf}")
+        self.log(f"done: {self.step} iterations; samples, weights and logs in {self.opt.outf}")
         return 0
 
     def begin(self):
-        """The first files (real_samples.png; losses.csv, on resume cut back to the checkpoint), log lines, clocks."""
+        """The run's first files (real_samples.png; losses.csv, on resume as the checkpoint has
+        it), its description, and the clocks."""
         opt, data, world = self.opt, self.data, self.ranks.world
-        real = next(epoch_batches(data, min(64, len(data) // world), opt.manualSeed, 0))
-        self.real_spread = real.std(0).mean().item()  # the data's per-pixel spread, for the collapse warning
-        if self.resume_path is None:
+        first = list(range(min(64, len(data))))
+        real = next(uint8_batches(data, first, 64)).float() / 127.5 - 1
+        self.real_spread = real.std(0).mean().item()  # for the collapse warning
+        if self.last_good is None:
             self.ranks.on_main(save_grid, real, os.path.join(opt.outf, "real_samples.png"))
         rows = [LOG_FIELDS, *zip(*(self.history[k] for k in LOG_FIELDS))]
         self.ranks.on_main(write_rows, os.path.join(opt.outf, "losses.csv"), rows, "w")
-        kept = "decoded once" if isinstance(data, torch.Tensor) else f"decoded each epoch by {opt.workers} workers"
-        size = f"{self.nc}x{opt.imageSize}x{opt.imageSize}"
-        self.log(f"{opt.dataset}: {len(data)} images of {size}, {kept}; {self.device}, "
-                 f"{world} process(es), global batch {opt.batchSize * world}, {opt.amp if self.dtype else 'fp32'}, "
-                 f"{self.memory_format}, compile {opt.compile}, CUDA graph {self.cuda_graph}")
+        kept = "decoded once"
+        if not isinstance(data, torch.Tensor):
+            kept = f"decoded each epoch by {opt.workers} workers"
+        self.log(f"{opt.dataset}: {len(data)} images of {opt.nc}x{opt.imageSize}x{opt.imageSize},"
+                 f" {kept}; {self.device}, {world} process(es), global batch "
+                 f"{opt.batchSize * world}, {opt.amp if self.amp_dtype else 'fp32'}, "
+                 f"{self.memory_format}, CUDA graph {self.cuda_graph}")
         self.last_save = self.tick = time.monotonic()
-        self.tick_step = self.first_step = self.step
+        self.tick_step = self.step
 
     def log_progress(self, total):
-        """The log line (means since the last one: the one host sync), losses.csv, the stop on inf or NaN."""
-        opt, world, per_epoch = self.opt, self.ranks.world, self.per_epoch
+        """The log line (means since the last one: the one host sync), losses.csv, and the stop on
+        inf or NaN."""
+        opt, images_per_step = self.opt, self.opt.batchSize * self.ranks.world
         values = (self.sums / (self.step - self.tick_step)).tolist()
         self.sums.zero_()
-        if self.ranks.max([int(not all(map(math.isfinite, values)))])[0]:  # every rank stops alike
-            raise self.diverged(f"a non-finite loss or D output in iterations {self.tick_step + 1} to {self.step}")
+        if self.ranks.max_over_ranks([int(not all(map(math.isfinite, values)))])[0]:
+            raise diverged(f"a non-finite loss or D output in iterations {self.tick_step + 1} to "
+                           f"{self.step}", self.epoch, self.last_good)
         loss_d, loss_g, d_x, d_g_z1, d_g_z2 = values
-        rate = (self.step - self.tick_step) * opt.batchSize * world / max(time.monotonic() - self.tick, 1e-9)
+        seconds = max(time.monotonic() - self.tick, 1e-9)
+        rate = (self.step - self.tick_step) * images_per_step / seconds
         self.tick, self.tick_step = time.monotonic(), self.step
-        left = [datetime.timedelta(seconds=round(n * opt.batchSize * world / rate))
-                for n in (per_epoch - self.it, total - self.step)]
-        self.log(f"[{self.epoch}/{opt.niter}][{self.it}/{per_epoch}] Loss_D: {loss_d:.4f} Loss_G: {loss_g:.4f} "
-                 f"D(x): {d_x:.4f} D(G(z)): {d_g_z1:.4f} / {d_g_z2:.4f} | {rate:.0f} img/s | "
-                 f"left: epoch {left[0]} run {left[1]}", flush=True)
-        warning = self.watch_for_collapse(d_g_z1, loss_g) if self.ranks.main else ""
+        epoch_left, run_left = (datetime.timedelta(seconds=round(n * images_per_step / rate))
+                                for n in (self.per_epoch - self.it, total - self.step))
+        self.log(f"[{self.epoch}/{opt.niter}][{self.it}/{self.per_epoch}] Loss_D: {loss_d:.4f} "
+                 f"Loss_G: {loss_g:.4f} D(x): {d_x:.4f} D(G(z)): {d_g_z1:.4f} / {d_g_z2:.4f} | "
+                 f"{rate:.0f} img/s | left: epoch {epoch_left} run {run_left}", flush=True)
+        warning = self.watch_for_collapse(d_g_z1, loss_g) if self.ranks.is_main else ""
         row = (self.epoch, self.it, self.step, loss_d, loss_g, d_x, d_g_z1, d_g_z2, rate, warning)
         for k, v in zip(LOG_FIELDS, row):
             self.history[k].append(v)
         self.ranks.on_main(write_rows, os.path.join(opt.outf, "losses.csv"), [row])
 
-    def diverged(self, what):
-        return Fail(EXIT_DIVERGED, f"training diverged: {what} (epoch {self.epoch}); nothing after it was saved; "
-                                   f"last good checkpoint: {self.last_good or 'none yet'}; try a lower --lr")
+    def fixed_samples(self):
+        """The samples of the grids: the averaged G's, with --ema, from the fixed noise."""
+        netG = self.netG if self.netG_ema is None else self.netG_ema
+        return sample(netG, self.fixed_noise, self.opt.sample_bn == "batch").float()
 
     def watch_for_collapse(self, d_g_z, loss_g, stretch=200):
-        """Two failures with finite losses, said once and named in losses.csv: D wins outright (D(G(z)) < 0.01 for
-        `stretch` iterations: G's gradient vanishes), or the fixed noise's samples stop varying (mode collapse)."""
+        """Two failures with finite losses, said once and named in losses.csv: D wins outright
+        (D(G(z)) < 0.01 for `stretch` iterations: G's gradient vanishes), or the fixed noise's
+        samples stop varying (mode collapse)."""
         self.d_wins_since = (self.d_wins_since or self.step) if d_g_z < 0.01 else None
         kinds = {}
         if self.d_wins_since is not None and self.step - self.d_wins_since >= stretch:
-            kinds["d_wins"] = (f"D has rejected nearly every fake for {self.step - self.d_wins_since} iterations "
-                               f"(D(G(z)) {d_g_z:.4f}, Loss_G {loss_g:.2f}): G has stopped learning")
-        if self.step >= 200:
-            images = sample(self.netG_ema or self.netG, self.fixed_noise, self.opt.sample_bn == "batch")
-            if (spread := images.float().std(0).mean().item()) < 0.1 * self.real_spread:
-                kinds["collapsed"] = (f"the samples from the fixed noise have stopped varying (per-pixel spread "
-                                      f"{spread:.3f}, the data's {self.real_spread:.3f}): mode collapse")
+            kinds["d_wins"] = (f"D has rejected nearly every fake for "
+                               f"{self.step - self.d_wins_since} iterations (D(G(z)) {d_g_z:.4f}, "
+                               f"Loss_G {loss_g:.2f}): G has stopped learning")
+        spread = self.fixed_samples().std(0).mean().item() if self.step >= 200 else math.inf
+        if spread < 0.1 * self.real_spread:
+            kinds["collapsed"] = (f"the samples from the fixed noise have stopped varying "
+                                  f"(per-pixel spread {spread:.3f}, the data's "
+                                  f"{self.real_spread:.3f}): mode collapse")
         for kind in [k for k in kinds if k not in self.warned]:
             self.warned.add(kind)
-            warn(f"iteration {self.step} (epoch {self.epoch}): {kinds[kind]}; try a lower --lr, another --manualSeed, "
-                 "or --resume from an earlier checkpoint copy")
+            warn(f"iteration {self.step} (epoch {self.epoch}): {kinds[kind]}; try a lower --lr, "
+                 "another --manualSeed, or --resume from an earlier checkpoint copy")
         return "+".join(kinds)
 
-    def save(self, finished=None):
-        """checkpoint.pt, and when an epoch has finished its files, written by rank 0; all ranks take part."""
-        self.ranks.on_main(self.write_files, self.checkpoint(), finished)
+    def save(self, epoch_done=None):
+        """checkpoint.pt and, when an epoch is done, its files, written by rank 0; every rank takes
+        part (the checkpoint holds each rank's noise state)."""
+        noise_rngs = self.ranks.gather(self.noise_rng.get_state())
+        ckpt = {"format": FORMAT, "netG": self.netG.state_dict(), "netD": self.netD.state_dict(),
+                "optG": self.optG.state_dict(), "optD": self.optD.state_dict(),
+                "scaler": self.scaler.state_dict(), "epoch": self.epoch, "iter": self.it,
+                "step": self.step, "fixed_noise": self.fixed_noise.cpu(), "config": self.config,
+                "noise_rng": noise_rngs, "history": self.history}
+        if self.netG_ema is not None:
+            ckpt["netG_ema"] = self.netG_ema.state_dict()
+        self.ranks.on_main(self.write_files, ckpt, epoch_done)
         self.last_good = None if self.opt.dry_run else self.ckpt_path
         self.last_save = time.monotonic()
 
-    def write_files(self, ckpt, finished):
-        """An epoch's sample grid, weights and loss plot, then the checkpoint; nothing if the state is not finite."""
-        opt = self.opt
+    def write_files(self, ckpt, epoch_done):
+        """An epoch's sample grid, weights and loss plot, then the checkpoint; nothing if the state
+        is not finite."""
+        outf = self.opt.outf
         if not all_finite(ckpt):
-            raise self.diverged(f"non-finite weights or optimizer state at step {self.step}")
-        if finished is not None:
-            save_grid(sample(self.netG_ema or self.netG, self.fixed_noise, opt.sample_bn == "batch").float(),
-                      os.path.join(opt.outf, f"fake_samples_epoch_{finished:03d}.png"))
-            for name, net in (("netG", self.netG), ("netG_ema", self.netG_ema), ("netD", self.netD)):
-                if net is not None:
-                    atomic_write(os.path.join(opt.outf, f"{name}_epoch_{finished}.pth"),
-                                 lambda f: torch.save(net.state_dict(), f))
-            with contextlib.suppress(ImportError):  # losses.png, when matplotlib is installed (it is optional)
-                from matplotlib.figure import Figure  # no pyplot: no window, no backend to choose
-                ax = Figure(figsize=(10, 5)).subplots()
-                for key, name in (("loss_g", "G"), ("loss_d", "D")):
-                    ax.plot(self.history["step"], self.history[key], label=name)
-                ax.set(xlabel="iteration", ylabel="loss", title="Generator and discriminator loss")
-                ax.legend()
-                atomic_write(os.path.join(opt.outf, "losses.png"), lambda f: ax.figure.savefig(f, format="png"))
-        if not opt.dry_run:
+            raise diverged(f"non-finite weights or optimizer state at step {self.step}",
+                           self.epoch, self.last_good)
+        if epoch_done is not None:
+            save_grid(self.fixed_samples(),
+                      os.path.join(outf, f"fake_samples_epoch_{epoch_done:03d}.png"))
+            for name in ("netG", "netG_ema", "netD"):
+                if name in ckpt:
+                    path = os.path.join(outf, f"{name}_epoch_{epoch_done}.pth")
+                    atomic_write(path, lambda f: torch.save(ckpt[name], f))
+            plot_losses(self.history, os.path.join(outf, "losses.png"))
+        if not self.opt.dry_run:
             atomic_write(self.ckpt_path, lambda f: torch.save(ckpt, f))
 
 
@@ -960,129 +1135,169 @@ class Parser(argparse.ArgumentParser):
         raise Fail(EXIT_USAGE, f"{message} (see --help)")
 
 
-def checked(kind, ok, allowed):
-    """An argparse type: a number of `kind` for which ok(value) holds; else the error says what is allowed."""
+def number(kind, allowed, ok):
+    """An argparse type: a number of `kind` for which ok(value) holds; else says what is allowed."""
     def convert(text):
-        if not ok(value := kind(text)):
-            raise argparse.ArgumentTypeError(f"{text} is not {allowed}")
-        return value
-    convert.__name__ = kind.__name__  # argparse's message for what is no number at all: "invalid int value"
+        with contextlib.suppress(ValueError):
+            if ok(kind(text)):
+                return kind(text)
+        raise argparse.ArgumentTypeError(f"{text!r} is not {allowed}")
     return convert
 
 
-COUNT, POSITIVE = checked(int, lambda v: v >= 0, "0 or more"), checked(int, lambda v: v >= 1, "1 or more")
-RATE, LABEL = checked(float, lambda v: math.isfinite(v) and v > 0, "a positive number"), \
-    checked(float, lambda v: 0.5 < v <= 1, "in (0.5, 1]")
-FRACTION, MINUTES = checked(float, lambda v: 0 <= v < 1, "in [0, 1)"), checked(float, lambda v: v >= 0, "0 or more")
+count = number(int, "a whole number, 0 or more", lambda v: v >= 0)
+positive = number(int, "a whole number, 1 or more", lambda v: v >= 1)
+rate = number(float, "a positive number", lambda v: 0 < v < math.inf)
+fraction = number(float, "in [0, 1)", lambda v: 0 <= v < 1)
+minutes = number(float, "0 or more", lambda v: 0 <= v < math.inf)
 
 
 def build_parser():
-    p = Parser(description="Train a DCGAN, or make images.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(description="Train a DCGAN, or make images.",
+               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
-    # The flags of pytorch/examples dcgan/main.py, same names and meanings, so that its command lines work here
-    a("--dataset", default="celeba", choices=["celeba", "folder", "imagenet", "lfw", "cifar10", "mnist", "lsun",
-                                              "fake", "synthetic"], help="imagenet and lfw are folder data sets")
+    # The flags of pytorch/examples dcgan/main.py, same names and meanings: its command lines work
+    a("--dataset", default="celeba", help="imagenet and lfw are folder data sets",
+      choices=["celeba", "folder", "imagenet", "lfw", "cifar10", "mnist", "lsun", "fake",
+               "synthetic"])
     a("--dataroot", help="path to the data set (not needed for fake and synthetic)")
-    a("--workers", type=COUNT, default=2, help="data loading worker processes")
-    a("--batchSize", type=POSITIVE, default=128, help="batch size a process")
+    a("--workers", type=count, default=2, help="data loading worker processes")
+    a("--batchSize", type=positive, default=128, help="batch size a process")
     a("--imageSize", type=int, default=64, choices=[16, 32, 64, 128, 256], help="height and width")
-    a("--nz", type=POSITIVE, default=100, help="size of the latent z vector")
-    a("--ngf", type=POSITIVE, default=64, help="generator width")
-    a("--ndf", type=POSITIVE, default=64, help="discriminator width")
-    a("--niter", type=POSITIVE, default=25, help="number of epochs to train for")
-    a("--lr", type=RATE, default=0.0002, help="Adam learning rate")
-    a("--beta1", type=FRACTION, default=0.5, help="Adam beta1")
+    a("--nz", type=positive, default=100, help="size of the latent z vector")
+    a("--ngf", type=positive, default=64, help="generator width")
+    a("--ndf", type=positive, default=64, help="discriminator width")
+    a("--niter", type=positive, default=25, help="number of epochs to train for")
+    a("--lr", type=rate, default=0.0002, help="Adam learning rate")
+    a("--beta1", type=fraction, default=0.5, help="Adam beta1")
     a("--dry-run", action="store_true", help="run a single training iteration, then save and exit")
-    a("--ngpu", type=POSITIVE, default=1, help="number of GPUs to use through nn.DataParallel")
+    a("--ngpu", type=positive, default=1, help="number of GPUs to use through nn.DataParallel")
     a("--netG", default="", help="generator weights to start from (or to --generate with)")
     a("--netD", default="", help="discriminator weights to start from")
     a("--outf", default="out", help="folder for samples, weights, checkpoint and logs")
-    a("--manualSeed", type=COUNT, default=999, help="seed for weights, data order and noise")
+    a("--manualSeed", type=count, default=999, help="seed for weights, data order and noise")
     a("--classes", default="bedroom", help="comma-separated LSUN classes")
     a("--accel", action="store_true", help="use the current accelerator (torch.accelerator)")
     a("--cuda", action="store_true", help="use CUDA")
-    a("--device", default="", help="device to use, e.g. cpu, cuda, cuda:1, mps, xpu (default: best present)")  # ours
-    a("--amp", default="auto", choices=["auto", "off", "bf16", "fp16"], help="mixed precision; auto is fp32")
-    a("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile G and D")
-    a("--cuda-graphs", action=argparse.BooleanOptionalAction, help="each step as one CUDA graph (default: one GPU)")
-    a("--channels-last", action=argparse.BooleanOptionalAction, help="(default: CUDA and CPU, not with --compile)")
-    a("--preload", action=argparse.BooleanOptionalAction, help="decode the data set once (default: on)")
-    a("--cache-dir", default=os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "dcgan"),
-      help="where decoded data sets are kept, '' for none")
-    a("--lr-d", type=RATE, help="D's Adam learning rate, if not --lr")
-    a("--lr-g", type=RATE, help="G's Adam learning rate, if not --lr")
-    a("--real-label", type=LABEL, default=1.0, help="D's target for real images; 0.9 is one-sided label smoothing")
-    a("--ema", type=FRACTION, default=0.0, metavar="DECAY", help="also keep a moving average of G, e.g. 0.999")
-    a("--sample-bn", default="batch", choices=["batch", "eval"], help="BatchNorm statistics when sampling")
-    a("--log-every", type=POSITIVE, default=50, help="log every N iterations")
-    a("--save-every", type=COUNT, default=0, help="also save the checkpoint every N iterations (0: off)")
-    a("--save-minutes", type=MINUTES, default=10.0, help="also save the checkpoint every N minutes (0: off)")
-    a("--max-steps", type=COUNT, default=0, help="stop (and save) after N iterations in this run (0: no limit)")
-    a("--resume", nargs="?", const="", metavar="PATH", help="continue from a checkpoint (default: OUTF/checkpoint.pt)")
-    a("--generate", type=COUNT, default=0, metavar="N", help="write N images from --netG into OUTF/generated/ and exit")
-    a("--interpolate", type=COUNT, default=0, metavar="N", help="write N latent walks of --netG and exit")
-    a("--export-real", type=COUNT, default=0, metavar="N", help="write N training images as G sees them and exit")
+    add_own_flags(a)
     return p
+
+
+def add_own_flags(a):
+    """The flags that pytorch/examples does not have."""
+    a("--device", default="", help="cpu, cuda, cuda:1, mps, xpu (default: the best present)")
+    a("--amp", default="off", choices=["off", "bf16", "fp16"], help="mixed precision")
+    a("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
+      help="each step as one CUDA graph, on one CUDA GPU without fp16")
+    a("--channels-last", action=argparse.BooleanOptionalAction,
+      help="(default: on for CUDA and the CPU)")
+    a("--preload", action=argparse.BooleanOptionalAction, default=True,
+      help="decode the data set once, not every epoch")
+    cache = os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache"))
+    a("--cache-dir", default=os.path.join(cache, "dcgan"),
+      help="where decoded data sets are kept, '' for none")
+    a("--ema", type=fraction, default=0.0, metavar="DECAY",
+      help="also keep a moving average of G, e.g. 0.999")
+    a("--sample-bn", default="batch", choices=["batch", "eval"],
+      help="BatchNorm statistics when sampling")
+    a("--log-every", type=positive, default=50, help="log every N iterations")
+    a("--save-every", type=count, default=0, help="also save the checkpoint every N iterations")
+    a("--save-minutes", type=minutes, default=10.0, help="also save it every N minutes (0: off)")
+    a("--max-steps", type=count, default=0,
+      help="stop (and save) after N iterations in this run (0: no limit)")
+    a("--resume", nargs="?", const="", metavar="PATH",
+      help="continue from a checkpoint (default: OUTF/checkpoint.pt)")
+    a("--generate", type=count, default=0, metavar="N",
+      help="write N images from --netG into OUTF/generated/ and exit")
+    a("--interpolate", type=count, default=0, metavar="N",
+      help="write N latent walks of --netG and exit")
+    a("--export-real", type=count, default=0, metavar="N",
+      help="write N training images as G sees them and exit")
 
 
 def parse_args(argv=None):
     opt = build_parser().parse_args(argv)
     if (opt.generate or opt.interpolate) and not opt.netG:
-        raise Fail(EXIT_USAGE, "--generate and --interpolate need --netG PATH (weights or a checkpoint)")
+        raise Fail(EXIT_USAGE, "--generate and --interpolate need --netG PATH (weights or a "
+                               "checkpoint)")
     if opt.dry_run and opt.resume is not None:
-        raise Fail(EXIT_USAGE, "--dry-run writes no checkpoint and cannot --resume one; drop one of them")
-    opt.dataset = "folder" if opt.dataset in ("imagenet", "lfw") else opt.dataset
-    if opt.dataroot is None and opt.dataset not in ("fake", "synthetic") and not (opt.generate or opt.interpolate):
-        raise Fail(EXIT_USAGE, f"--dataroot is required for --dataset {opt.dataset} (--dataset synthetic needs none)")
+        raise Fail(EXIT_USAGE, "--dry-run writes no checkpoint and cannot --resume one; drop one "
+                               "of them")
+    if opt.amp == "bf16" and opt.ngpu > 1:  # DataParallel's threads would autocast to fp16
+        raise Fail(EXIT_USAGE, "--amp bf16 does not reach nn.DataParallel's replicas; for bf16 on "
+                               "several GPUs use torchrun --nproc_per_node instead of --ngpu")
+    if opt.dataset in ("imagenet", "lfw"):
+        opt.dataset = "folder"
+    if opt.dataroot is None and opt.dataset not in ("fake", "synthetic") and \
+            not (opt.generate or opt.interpolate):
+        raise Fail(EXIT_USAGE, f"--dataroot is required for --dataset {opt.dataset} (--dataset "
+                               "synthetic needs none)")
+    opt.nc = 1 if opt.dataset == "mnist" else 3
     return opt
 
 
-def generated(netG, n, batch_stats, generator):
-    """n uint8 images of G, drawn in full batches of 256, so that each sees a full batch's statistics."""
+def generated_images(netG, nz, n, batch_stats, rng):
+    """n uint8 images of G, drawn in full batches of 256: each sees a full batch's statistics."""
     for start in range(0, n, 256):
-        z = torch.randn(256, netG.main[0].in_channels, 1, 1, device=generator.device, generator=generator)
-        yield sample(netG, z, batch_stats)[:n - start].float().cpu().add(1).mul(127.5).add(0.5).clamp(0, 255).byte()
+        z = torch.randn(256, nz, 1, 1, device=rng.device, generator=rng)
+        images = sample(netG, z, batch_stats)[:n - start].float().cpu()
+        yield images.add(1).mul(127.5).add(0.5).clamp(0, 255).byte()
+
+
+def export_real(opt):
+    """N training images as the networks see them: the real side of an FID."""
+    dataset = open_dataset(opt)
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(opt.manualSeed))
+    folder = os.path.join(opt.outf, "real")
+    write_png_folder(folder, uint8_batches(dataset, order[:opt.export_real].tolist(), 256,
+                                           opt.workers))
+    print(f"wrote {min(opt.export_real, len(dataset))} training images to {folder}/")
 
 
 def make_images(opt, device):
-    """--generate: N PNGs (what FID tools read) and a grid. --interpolate: N rows of 10 images, G along the arc
-    between two random z. --export-real: N training images as the networks see them, the real side of an FID."""
-    if opt.export_real:
-        dataset, _, _ = build_dataset(opt, Ranks())
-        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(opt.manualSeed))
-        folder = os.path.join(opt.outf, "real")
-        write_png_folder(folder, uint8_batches(dataset, order[:opt.export_real].tolist(), 256, opt.workers))
-        print(f"wrote {min(opt.export_real, len(dataset))} training images to {folder}/")
-        return
-    netG, g = load_generator(opt).to(device), torch.Generator(device).manual_seed(opt.manualSeed)
+    """--generate: N PNGs (what FID tools read) and a grid. --interpolate: N rows of 10 images, G
+    along the arc between two random z."""
+    netG, nz = load_generator(opt.netG)
+    netG, rng = netG.to(device), torch.Generator(device).manual_seed(opt.manualSeed)
+    batch_stats = opt.sample_bn == "batch"
     if opt.interpolate:
         path = os.path.join(opt.outf, "interpolation.png")
         prepare_outf(opt.outf)
-        walks = latent_walks(opt.interpolate, 10, netG.main[0].in_channels, g)  # (N * 10, nz, 1, 1)
-        save_grid(sample(netG, walks, opt.sample_bn == "batch").float().cpu(), path, nrow=10)
+        walks = latent_walks(opt.interpolate, 10, nz, rng)  # (N * 10, nz, 1, 1)
+        save_grid(sample(netG, walks, batch_stats).float().cpu(), path, nrow=10)
         print(f"wrote {opt.interpolate} latent walks of 10 steps to {path}")
-    else:
-        folder, path = os.path.join(opt.outf, "generated"), os.path.join(opt.outf, "generated_grid.png")
-        save_grid(write_png_folder(folder, generated(netG, opt.generate, opt.sample_bn == "batch", g)), path)
-        print(f"wrote {opt.generate} images to {folder}/ and a grid to {path}")
+        return
+    folder, path = os.path.join(opt.outf, "generated"), os.path.join(opt.outf, "generated_grid.png")
+    grid = write_png_folder(folder, generated_images(netG, nz, opt.generate, batch_stats, rng))
+    save_grid(grid, path)
+    print(f"wrote {opt.generate} images to {folder}/ and a grid to {path}")
+
+
+def train(opt, device, ranks):
+    """Set up (a mistake on any rank ends every rank with one line), load the data, start or
+    resume, and loop; no phase runs a collective inside another's agreement."""
+    dataset = ranks.local_first(open_dataset, opt)  # (a download, once a node)
+    run = ranks.agree(Run, opt, device, ranks, dataset)
+    data = ranks.local_first(preloaded, opt, dataset, run.config["data"], run.log)
+    run.start(data)
+    return run.loop()
 
 
 def main(argv=None):
-    """Runs the command line, returns the exit code; a mistake in the input is one line on stderr (README's table)."""
+    """Runs the command line and returns the exit code; a mistake in the input is one line on
+    stderr (README's table)."""
     try:
         opt = parse_args(argv)  # (every rank sees the same mistake in the flags)
         ranks = Ranks(int(os.environ.get("WORLD_SIZE", 1)))
         try:
-            device = ranks.run(pick_device, opt, ranks.local_rank, ranks.world)
-            if opt.generate or opt.interpolate or opt.export_real:  # one process does these
-                if ranks.main:
-                    make_images(opt, device)
-                return 0
-            # Set up (a mistake on any rank ends every rank with one line), load the data, start or resume, loop
-            run = ranks.run(Run, opt, device, ranks)
-            ranks.run(run.load_data)
-            run.start()
-            return run.loop()
+            device = ranks.agree(pick_device, opt, ranks.local_rank, ranks.world)
+            if not (opt.generate or opt.interpolate or opt.export_real):
+                return train(opt, device, ranks)
+            if ranks.is_main and opt.export_real:  # one process does these
+                export_real(opt)
+            elif ranks.is_main:
+                make_images(opt, device)
+            return 0
         finally:
             if dist.is_initialized():
                 dist.destroy_process_group()

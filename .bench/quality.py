@@ -71,8 +71,8 @@ def real_images(opt):
             dcgan.write_png_folder(os.path.join(folder, opt.data), images.split(1024))
     args = dcgan.parse_args(["--dataset", "folder", "--dataroot", folder, "--imageSize", str(opt.imageSize),
                              "--cache-dir", os.path.join(opt.work, "cache"), "--workers", "2"])
-    dataset, nc, key = dcgan.build_dataset(args, dcgan.Ranks())
-    data = dcgan.load_data(args, dataset, key, nc, torch.device("cpu"), dcgan.Ranks(), lambda *a: None)
+    dataset = dcgan.open_dataset(args)
+    data = dcgan.preloaded(args, dataset, dcgan.data_key(args, dataset), lambda *a: None)
     held_out = data[torch.randperm(len(data), generator=torch.Generator().manual_seed(7))[:2 * opt.samples]]
     return folder, held_out
 
@@ -166,7 +166,7 @@ def run(opt, name, flags, seed, folder):
         with open(os.path.join(outf, "log.txt"), "w") as log:
             subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, check=True)
         print(f"  trained {name} seed {seed} in {time.time() - start:.0f} s", flush=True)
-    return dcgan.load_generator(argparse.Namespace(netG=weights))
+    return dcgan.load_generator(weights)[0]
 
 
 def main():
