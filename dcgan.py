@@ -255,16 +255,17 @@ def decode_image(path, nc):
     """uint8 (nc, H, W) from any file PIL reads; None if it is not an image."""
     with contextlib.suppress(Exception), Image.open(path) as im:
         if im.mode.startswith("I"):  # 16-bit grey: 0..65535 scaled to 0..255
-            im = Image.fromarray((numpy.asarray(im) // 257).astype(numpy.uint8))
+            im = Image.fromarray(numpy.clip(numpy.asarray(im) // 257, 0, 255).astype(numpy.uint8))
         return v2.functional.pil_to_tensor(im.convert("L" if nc == 1 else "RGB"))
     return None
 
 
 class Images(torch.utils.data.Dataset):
-    """uint8 images (nc, S, S) from files; a file that cannot be read comes back as its path."""
+    """uint8 images (nc, S, S) from the files under root; one that cannot be read comes back as its
+    path."""
 
-    def __init__(self, paths, nc, transform):
-        self.paths, self.nc, self.transform = paths, nc, transform
+    def __init__(self, root, paths, nc, transform):
+        self.root, self.paths, self.nc, self.transform = root, paths, nc, transform
 
     def __len__(self):
         return len(self.paths)
@@ -311,7 +312,7 @@ def open_dataset(opt):
     if not paths:
         expected = "ROOT/img_align_celeba/*.jpg" if kind == "celeba" else "*.jpg, *.png, ..."
         raise Fail(EXIT_DATA, f"--dataroot {root} holds no images (expected {expected})")
-    return Images(paths, opt.nc, image_transform(kind, size))
+    return Images(folder, paths, opt.nc, image_transform(kind, size))
 
 
 def open_torchvision(opt):
@@ -333,126 +334,154 @@ def open_torchvision(opt):
                               f"{(str(e).splitlines() or [e])[0]}; {todo}") from None
 
 
-DECODE_VERSION = 2  # part of data_key: raise it when what a decode makes of a file changes
+DECODE_VERSION = 2  # part of the cache's name: raise it when what a decode makes of a file changes
 
 
-def data_key(opt, dataset):
-    """Names the data set as decoded: the files' names, sizes and times (one os.stat each), the
-    image size, the decode's version. A resume needs the same key; a cache of another is redone."""
-    name = f"{opt.dataset}-{opt.imageSize}px"
+def data_keys(opt, dataset):
+    """(what a resumed run must find again, the images and their order: the data set, the image
+    size, the count, the files' names and sizes under their folder; the cache's name, which also
+    follows the folder, the files' times and the decode's version). One os.stat a file."""
+    same_images = f"{opt.dataset}-{opt.imageSize}px-{len(dataset)}"
     if isinstance(dataset, torch.Tensor):
-        return f"{name}-{len(dataset)}"
-    listing = hashlib.sha1(f"{DECODE_VERSION} {len(dataset)} {opt.classes}".encode())
+        return same_images, None
+    names = hashlib.sha1(opt.classes.encode() if opt.dataset == "lsun" else b"")
+    times = hashlib.sha1(str(DECODE_VERSION).encode())
     for path in getattr(dataset, "paths", ()):
         stat = os.stat(path)
-        listing.update(f"{path} {stat.st_size} {stat.st_mtime_ns}\n".encode())
+        names.update(f"{os.path.relpath(path, dataset.root)} {stat.st_size}\n".encode())
+        times.update(f"{stat.st_mtime_ns}\n".encode())
     folder = hashlib.sha1(os.path.realpath(opt.dataroot).encode()).hexdigest()[:8]
-    return f"{name}-{folder}-{listing.hexdigest()[:16]}"
+    same_images += f"-{names.hexdigest()[:12]}"
+    return same_images, f"{opt.dataset}-{opt.imageSize}px-{folder}-{times.hexdigest()[:12]}"
 
 
-def preloaded(opt, dataset, key, log):
-    """The data set as one uint8 tensor (N, C, S, S): memory-mapped from --cache-dir/KEY.npy, else
-    decoded into memory; with --no-preload the Dataset itself, decoded every epoch."""
-    if isinstance(dataset, torch.Tensor) or not opt.preload:
+def preloaded(opt, dataset, cache_name, device, log):
+    """The data set as one uint8 tensor (N, C, S, S): memory-mapped from --cache-dir, else decoded
+    into memory; on a GPU, moved there if it fits in half its free memory. With --no-preload, the
+    Dataset itself, decoded every epoch."""
+    if not isinstance(dataset, torch.Tensor) and not opt.preload:
         return dataset
+    data = dataset
+    if not isinstance(dataset, torch.Tensor):
+        data = decoded(opt, dataset, cache_name, log)
+    if device.type == "cuda" and data.nbytes < torch.cuda.mem_get_info(device)[0] // 2:
+        data = data.to(device)
+    return data
+
+
+def decoded(opt, dataset, cache_name, log):
+    """The Dataset decoded into one tensor: through the cache, else into memory."""
     shape = (len(dataset), opt.nc, opt.imageSize, opt.imageSize)
     if opt.cache_dir:
         try:
             with disk_errors(opt.cache_dir, "decoding into memory instead"):
-                path = os.path.join(opt.cache_dir, f"{key}.npy")
+                path = os.path.join(opt.cache_dir, f"{cache_name}.npy")
                 return cached(dataset, path, shape, opt.workers, log)
         except Fail as e:
+            if e.code != EXIT_OUTPUT:  # (a data error stops the run)
+                raise
             warn(str(e))  # no room, no permission: go on without the cache
     out = torch.empty(shape, dtype=torch.uint8)
-    return out[:decode_all(dataset, opt.workers, log, out)]
+    decode_all(dataset, opt.workers, log, out)
+    return out
 
 
 def cached(dataset, path, shape, workers, log):
     """The cache at path memory-mapped, decoded there first. One process a host decodes, under a
     lock that ends with its process; the others wait and map its file."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = temporary_name(path)  # the same for every process of a host: a killed one's is reused
-    with open(tmp, "ab") as lock:  # made if missing, never truncated: another process may hold it
-        if fcntl:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        data = mapped(path, shape)
-        if data is not None:
-            log(f"data set: {len(data)} images, memory-mapped from cache {path}")
-            remove(tmp)
-            return data
-        with replacing(path, tmp):
-            decode_into(tmp, dataset, shape, workers, log)
+    data = mapped(path, shape)
+    if data is None:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
         folder, name = os.path.split(path)
-        stem, this_host = name.rsplit("-", 1)[0], f".{socket.gethostname()}.tmp"
-        for older in os.listdir(folder):  # earlier decodes of this folder at this size, and this
-            # host's temporaries of them (a killed decode's); other hosts may be decoding theirs
-            if older != name and (older.startswith(stem) or
-                                  older.startswith("." + stem) and older.endswith(this_host)):
-                remove(os.path.join(folder, older))
-    log(f"cached the decoded data set in {path}, memory-mapped from there")
-    return mapped(path, shape)
+        with open(os.path.join(folder, f".{name}.lock"), "ab") as lock:  # never renamed
+            if fcntl and not lock_now(lock):
+                log(f"waiting for another process's decode into {path}", flush=True)
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            data = mapped(path, shape)  # (that process's file)
+            if data is None:
+                if os.path.exists(path):
+                    warn(f"the cache {path} is damaged or does not match the data set: decoding "
+                         "it again")
+                decode_into(path, dataset, shape, workers, log)
+                data = mapped(path, shape)
+                log(f"cached the decoded data set in {path}, memory-mapped from there")
+                return data
+    log(f"data set: {len(data)} images, memory-mapped from cache {path}")
+    return data
+
+
+def lock_now(lock):
+    """Whether the lock on the file could be taken at once."""
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
 
 
 def decode_into(path, dataset, shape, workers, log):
-    """The data set decoded straight into a new .npy file at path, its readable images only."""
-    out = numpy.lib.format.open_memmap(path, "w+", numpy.uint8, shape)
-    with open(path, "r+b") as f:
-        if hasattr(os, "posix_fallocate"):  # the room taken now: a disk that fills under a
-            os.posix_fallocate(f.fileno(), 0, out.offset + out.nbytes)  # mapped file kills
-        count = decode_all(dataset, workers, log, torch.from_numpy(out))
+    """The data set decoded straight into a new .npy file at path, through a temporary renamed
+    when whole; earlier decodes of the same folder at the same size, and their temporaries, go."""
+    folder, name = os.path.split(path)
+    with replacing(path) as tmp:
+        out = numpy.lib.format.open_memmap(tmp, "w+", numpy.uint8, shape)
+        if hasattr(os, "posix_fallocate"):  # the room taken now: a disk that fills under a mapped
+            with open(tmp, "r+b") as f:      # file kills the process
+                os.posix_fallocate(f.fileno(), 0, out.offset + out.nbytes)
+        decode_all(dataset, workers, log, torch.from_numpy(out))
         out.flush()
-        # the header says how many images the file holds (numpy leaves room for a new count)
-        header = {"descr": "|u1", "fortran_order": False, "shape": (count, *shape[1:])}
-        numpy.lib.format.write_array_header_1_0(f, header)
-        assert f.tell() == out.offset
-        f.truncate(out.offset + count * math.prod(shape[1:]))
-        os.fsync(f.fileno())
+        del out
+    stem, this_host = name.rsplit("-", 1)[0], f".{socket.gethostname()}.tmp"
+    for older in os.listdir(folder):  # earlier decodes of this folder at this size, their locks
+        # and this host's temporaries of them (other hosts may be decoding theirs)
+        stale = older.startswith(stem) or \
+            older.startswith("." + stem) and older.endswith((".lock", this_host))
+        if stale and not older.lstrip(".").startswith(name):
+            remove(os.path.join(folder, older))
 
 
 def mapped(path, shape):
     """The .npy file memory-mapped (copy-on-write: nothing is written back), or None if it is
-    missing or does not hold whole images of this shape (truncated, say)."""
+    missing or does not hold these images (truncated, say)."""
     try:
         images = numpy.load(path, mmap_mode="c")
-    except FileNotFoundError:
-        return None
     except (OSError, ValueError):
-        images = None
-    if images is None or images.shape[1:] != shape[1:] or not 0 < len(images) <= shape[0]:
-        warn(f"the cache {path} is damaged or does not match the data set: decoding it again")
         return None
-    return torch.from_numpy(images)
+    return torch.from_numpy(images) if images.shape == shape else None
 
 
 def decode_all(dataset, workers, log, out):
-    """The data set's images into out (N, C, S, S), readable ones first; returns their count.
-    Unreadable files are named, and more than 1% of them stop the run."""
+    """The data set's images into out (N, C, S, S). Unreadable files are named, and more than 1% of
+    them stop the run."""
     loader = torch.utils.data.DataLoader(dataset, batch_size=256, num_workers=workers,
                                          collate_fn=readable_batch)
-    unreadable, count, last_log = [], 0, time.monotonic()
+    unreadable, done, empty_batch, last_log = [], 0, False, time.monotonic()
     for images, bad in loader:
         if images is not None:
-            out[count:count + len(images)] = images
-            count += len(images)
-        unreadable += bad
-        if time.monotonic() - last_log > 5 or count + len(unreadable) == len(dataset):
-            log(f"decoding the data set once: {count + len(unreadable)}/{len(dataset)} images")
+            out[done:done + len(images)] = images
+        unreadable, empty_batch = unreadable + bad, empty_batch or images is None
+        done += len(bad) if images is None else len(images)
+        if time.monotonic() - last_log > 5 or done == len(dataset):
+            log(f"decoding the data set once: {done}/{len(dataset)} images")
             last_log = time.monotonic()
     if unreadable:
         more = " and more" if len(unreadable) > 5 else ""
-        warn(f"skipped {len(unreadable)} unreadable image(s): {', '.join(unreadable[:5])}{more}")
-    if len(unreadable) > max(1, len(dataset) // 100) or not count:
+        warn(f"{len(unreadable)} unreadable image(s), each replaced by another of its batch: "
+             f"{', '.join(unreadable[:5])}{more}")
+    if len(unreadable) > max(1, len(dataset) // 100) or empty_batch:
         raise Fail(EXIT_DATA, f"{len(unreadable)} of {len(dataset)} images in --dataroot could "
                               f"not be read (first: {unreadable[0]}); remove or replace them")
-    return count
 
 
 def readable_batch(items):
-    """(the readable images stacked, or None; the paths of the others). Of (image, label), the
-    image."""
+    """(the batch, an unreadable file's place taken by another image of the batch, or None if none
+    is readable; the paths of the files that could not be read). Of (image, label), the image."""
     items = [x[0] if isinstance(x, tuple) else x for x in items]
     images = [x for x in items if isinstance(x, torch.Tensor)]
-    return (torch.stack(images) if images else None), [x for x in items if isinstance(x, str)]
+    unreadable = [x for x in items if isinstance(x, str)]
+    if not images:
+        return None, unreadable
+    return torch.stack([images[i % len(images)] for i in range(len(items))]), unreadable
 
 
 def ignore_signals(worker_id):
@@ -473,8 +502,10 @@ def uint8_batches(data, order, batch_size, workers=0, pin_memory=False):
                                          collate_fn=readable_batch, pin_memory=pin_memory,
                                          worker_init_fn=ignore_signals)
     for images, unreadable in loader:
-        if unreadable:
-            raise Fail(EXIT_DATA, f"{unreadable[0]} cannot be read; remove or replace it")
+        if images is None:
+            raise Fail(EXIT_DATA, f"no image of a batch could be read ({', '.join(unreadable)})")
+        for path in unreadable:
+            warn(f"{path} cannot be read: another image of its batch takes its place")
         yield images
 
 
@@ -532,8 +563,10 @@ def replacing(path, tmp=None):
         raise
     with contextlib.suppress(OSError):  # the rename on disk (Windows cannot open a folder)
         folder = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
-        os.fsync(folder)
-        os.close(folder)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
 
 
 def atomic_write(path, write):
@@ -617,8 +650,9 @@ def load_weights(net, path, what, key):
     if not (isinstance(state, dict) and state and
             all(isinstance(v, torch.Tensor) for v in state.values())):
         raise Fail(EXIT_FILE, f"{what} {path} is not a state dict of tensors")
-    for prefix in ("_orig_mod.", "module."):  # torch.compile's, DataParallel's and DDP's
-        nn.modules.utils.consume_prefix_in_state_dict_if_present(state, prefix)
+    for _ in range(2):  # DataParallel's or DDP's prefix, torch.compile's, one over the other
+        for prefix in ("module.", "_orig_mod."):
+            nn.modules.utils.consume_prefix_in_state_dict_if_present(state, prefix)
     try:
         net.load_state_dict(state)
     except RuntimeError as e:
@@ -770,9 +804,9 @@ class Ranks:
 
 
 class StopSignal:
-    """SIGINT (Ctrl-C) and SIGTERM (how clusters pre-empt jobs): the first is noted (the loop saves
-    and exits after its step) and the default action is back, so a second ends the process at once;
-    not if the first never reached Python, while a collective waits inside one C call."""
+    """SIGINT (Ctrl-C) and SIGTERM (how clusters pre-empt jobs): the first is noted, and the loop
+    saves and exits after the step; repeats within a second count once (a scheduler and torchrun
+    may both send it). A signal after that ends the process at once, with the default action."""
 
     def __enter__(self):
         self.signum = 0
@@ -780,9 +814,11 @@ class StopSignal:
         return self
 
     def note(self, signum, frame):
-        self.signum = self.signum or signum
-        for s in self.handlers:
-            signal.signal(s, signal.SIG_DFL)
+        if self.signum and time.monotonic() - self.first_at > 1:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+        if not self.signum:
+            self.signum, self.first_at = signum, time.monotonic()
 
     def __exit__(self, *exc):
         for s, handler in self.handlers.items():
@@ -827,11 +863,13 @@ def wrap(net, opt, device, world):
 
 
 # ---- The run: set up, resume, then the loop (a step, maybe a log line, a save, a stop)
-def check_outf(opt, resume_path, is_main):
-    """--outf may hold no other run than the one resumed; said before the data loads."""
+def check_outf(opt, is_main):
+    """--outf may hold no other run than the one resumed (from a checkpoint there, or a copy of
+    one); said before the data loads."""
     ckpt_path = os.path.join(opt.outf, "checkpoint.pt")
-    resumed_here = opt.resume is not None and os.path.realpath(resume_path) == \
-        os.path.realpath(ckpt_path)
+    resume_folder = os.path.dirname(opt.resume or ckpt_path)
+    resumed_here = opt.resume is not None and \
+        os.path.realpath(resume_folder or ".") == os.path.realpath(opt.outf)
     if is_main and os.path.exists(ckpt_path) and not resumed_here:
         todo = "a --dry-run would overwrite its files" if opt.dry_run else "--resume continues it"
         raise Fail(EXIT_OUTPUT, f"--outf {opt.outf} already holds a run; {todo}, or choose "
@@ -862,32 +900,30 @@ class Run:
     """One training run on this process: the networks, optimizers, noise and position, and what
     each step leads to. Rank 0 alone writes files; all ranks take every other decision together."""
 
-    def __init__(self, opt, device, ranks, dataset):
-        """What can find a mistake in the flags or files (--outf, the checkpoint, the weights to
-        start from), on every rank, before any collective."""
+    def __init__(self, opt, device, ranks, same_images):
+        """What can find a mistake in the flags or files (the checkpoint, the weights to start
+        from), on every rank, before any collective."""
         self.opt, self.device, self.ranks = opt, device, ranks
         self.log = print if ranks.is_main else do_nothing
         self.amp_dtype, self.memory_format, self.cuda_graph = speed_settings(opt, device,
                                                                              ranks.world)
         self.ckpt_path = os.path.join(opt.outf, "checkpoint.pt")
         resume_path = opt.resume or self.ckpt_path
-        check_outf(opt, resume_path, ranks.is_main)
-        self.config = dict(vars(opt), processes=ranks.world, device=device.type,
-                           data=data_key(opt, dataset))
+        self.config = dict(vars(opt), processes=ranks.world, device=device.type, data=same_images)
         self.ckpt = None if opt.resume is None else read_checkpoint(resume_path, self.config)
         self.last_good = resume_path if self.ckpt else None
         torch.manual_seed(opt.manualSeed)
         self.netG = Generator(opt.nz, opt.ngf, opt.nc, opt.imageSize)
         self.netD = Discriminator(opt.ndf, opt.nc, opt.imageSize)
-        for net, path, what in ((self.netG, opt.netG, "--netG"), (self.netD, opt.netD, "--netD")):
+        for net, path, name in ((self.netG, opt.netG, "netG"), (self.netD, opt.netD, "netD")):
             net.apply(weights_init)
-            if path:
-                load_weights(net, path, what, what[2:])
+            if path:  # the weights to start from: a state dict, or this part of a checkpoint
+                load_weights(net, path, "--" + name, name)
         self.fixed_noise = torch.randn(64, opt.nz, 1, 1)
         # each rank draws its own noise
         self.noise_rng = torch.Generator(device).manual_seed(opt.manualSeed + ranks.rank)
         self.history = {k: [] for k in LOG_FIELDS}
-        self.epoch = self.it = self.step = 0
+        self.epoch = self.epoch_it = self.step = 0
         self.d_wins_since, self.warned = None, set()
 
     def start(self, data):
@@ -898,8 +934,10 @@ class Run:
         if self.per_epoch == 0:
             raise Fail(EXIT_DATA, f"the data set has {len(data)} images, fewer than one batch of "
                                   f"--batchSize {opt.batchSize} on {world} process(es)")
-        self.g, self.d = (wrap(net.to(device, memory_format=self.memory_format), opt, device,
-                               world) for net in (self.netG, self.netD))
+        for net in (self.netG, self.netD):
+            net.to(device, memory_format=self.memory_format)
+        self.wrappedG, self.wrappedD = (wrap(net, opt, device, world)
+                                        for net in (self.netG, self.netD))
         # Adam as in section 4; fused: one kernel for all tensors; capturable: inside the graph
         adam = dict(lr=opt.lr, betas=(opt.beta1, 0.999), fused=device.type in ("cuda", "cpu"),
                     capturable=self.cuda_graph)
@@ -930,40 +968,40 @@ class Run:
         self.scaler.load_state_dict(ckpt["scaler"])
         self.noise_rng.set_state(ckpt["noise_rng"][self.ranks.rank])  # this rank's own noise
         self.fixed_noise, self.history = ckpt["fixed_noise"], ckpt["history"]
-        self.epoch, self.it, self.step = ckpt["epoch"], ckpt["iter"], ckpt["step"]
-        self.log(f"resumed from {self.last_good} at epoch {self.epoch}, iteration {self.it} "
+        self.epoch, self.epoch_it, self.step = ckpt["epoch"], ckpt["iter"], ckpt["step"]
+        self.log(f"resumed from {self.last_good} at epoch {self.epoch}, iteration {self.epoch_it} "
                  f"(step {self.step})")
 
     def train_one(self, real, z):
-        """One iteration on the device: train_step, the average's update, the sums for the log.
-        On one CUDA GPU it is captured as a CUDA graph after three warm-up iterations on a side
-        stream, then replayed: at batch 128 a step is hundreds of small kernels, and launching
-        them from Python costs more than running them."""
+        """One iteration on the device: train_step, the average's update, the sums for the log."""
+        self.sums += train_step(self.wrappedG, self.wrappedD, self.optG, self.optD, real, z,
+                                self.amp_dtype, self.scaler)
+        if self.netG_ema is not None:
+            update_average(*self.ema_pairs, self.step_t, self.opt.ema)
+        self.step_t += 1
+
+    def train_one_in_graph(self, real, z):
+        """train_one as a CUDA graph, captured after three warm-up iterations on a side stream,
+        then replayed: at batch 128 a step is hundreds of small kernels, and launching them from
+        Python costs more than running them."""
         if self.graph is not None:  # replay the captured iteration on new inputs
             self.static_real.copy_(real)
             self.static_z.copy_(z)
             self.graph.replay()
-            return
-        context, capture = contextlib.nullcontext(), self.cuda_graph and self.warmup == 3
-        if capture:  # capturing records the iteration without running it: replayed below
-            self.static_real, self.static_z = real, z = real.clone(), z.clone()
+        elif self.warmup < 3:
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                self.train_one(real, z)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            self.warmup += 1
+        else:  # capture once; capturing records the iteration without running it: replay it now
+            self.static_real, self.static_z = real.clone(), z.clone()
             self.graph = torch.cuda.CUDAGraph()
             # thread_local: the DataLoader's pin-memory thread may use CUDA while this one captures
-            context = torch.cuda.graph(self.graph, capture_error_mode="thread_local")
-        elif self.cuda_graph:
-            context = torch.cuda.stream(torch.cuda.Stream(self.device))  # a warm-up iteration
-            self.warmup += 1
-            context.stream.wait_stream(torch.cuda.current_stream(self.device))
-        with context:
-            self.sums += train_step(self.g, self.d, self.optG, self.optD, real, z,
-                                    self.amp_dtype, self.scaler)
-            if self.netG_ema is not None:
-                update_average(*self.ema_pairs, self.step_t, self.opt.ema)
-            self.step_t += 1
-        if capture:
+            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+                self.train_one(self.static_real, self.static_z)
             self.graph.replay()
-        elif self.cuda_graph:
-            torch.cuda.current_stream(self.device).wait_stream(context.stream)
 
     def loop(self):
         """Steps until --niter epochs, --max-steps or a signal; returns the exit code."""
@@ -976,47 +1014,50 @@ class Run:
         if opt.max_steps:
             total = min(total, self.step + opt.max_steps)
         first_step = self.step
-        self.begin()
+        self.write_first_files()
         with StopSignal() as stop:
             while self.step < total:
                 began = time.monotonic()
-                for real in epoch_batches(self.data, opt, self.ranks, self.epoch, self.it,
+                for real in epoch_batches(self.data, opt, self.ranks, self.epoch, self.epoch_it,
                                           self.device, self.memory_format):
                     z = torch.randn(real.shape[0], opt.nz, 1, 1, device=self.device,
                                     generator=self.noise_rng)
-                    self.train_one(real, z)
-                    self.step, self.it = self.step + 1, self.it + 1
-                    if self.it % opt.log_every == 0 or self.it == self.per_epoch or \
+                    if self.cuda_graph:
+                        self.train_one_in_graph(real, z)
+                    else:
+                        self.train_one(real, z)
+                    self.step, self.epoch_it = self.step + 1, self.epoch_it + 1
+                    if self.epoch_it % opt.log_every == 0 or self.epoch_it == self.per_epoch or \
                             self.step == total:
                         self.log_progress(total)
-                    signum = self.save_if_due(stop.signum)
+                    signum = self.save_if_due(stop)
                     if signum:
                         self.log(f"stopped by signal {signum} at epoch {self.epoch}, iteration "
-                                 f"{self.it}; continue with --resume", flush=True)
+                                 f"{self.epoch_it}; continue with --resume", flush=True)
                         return 128 + signum
                     if self.step == total:
                         break
-                if self.it == self.per_epoch:  # (else --max-steps or --dry-run ended it)
+                if self.epoch_it == self.per_epoch:  # (else --max-steps or --dry-run ended it)
                     self.log(f"epoch {self.epoch} done: {time.monotonic() - began:.1f} s")
-                    self.epoch, self.it = self.epoch + 1, 0
+                    self.epoch, self.epoch_it = self.epoch + 1, 0
                     self.save(epoch_done=self.epoch - 1)
-        return self.finish(first_step)
+            return self.finish(first_step)
 
-    def save_if_due(self, signum):
+    def save_if_due(self, stop):
         """Saves on a signal, --save-every or --save-minutes, as every rank decides alike; returns
         the signal's number, or 0."""
         opt = self.opt
         late = opt.save_minutes > 0 and time.monotonic() - self.last_save > 60 * opt.save_minutes
-        signum, late = self.ranks.max_over_ranks([signum, int(late)])
+        signum, late = self.ranks.max_over_ranks([stop.signum, int(late)])
         if signum or late or (opt.save_every and self.step % opt.save_every == 0):
             self.save()
         return signum
 
     def finish(self, first_step):
         """The last save and line of a run that no signal stopped; returns the exit code, 0."""
-        if self.it and self.opt.dry_run:  # epoch 0's files, and no checkpoint
+        if self.epoch_it and self.opt.dry_run:  # epoch 0's files, and no checkpoint
             self.save(epoch_done=0)
-        elif self.it:
+        elif self.epoch_it:
             self.save()
             self.log(f"stopped after {self.step - first_step} iterations (--max-steps); "
                      f"{self.ckpt_path} saved")
@@ -1024,12 +1065,12 @@ class Run:
         self.log(f"done: {self.step} iterations; samples, weights and logs in {self.opt.outf}")
         return 0
 
-    def begin(self):
+    def write_first_files(self):
         """The run's first files (real_samples.png; losses.csv, on resume as the checkpoint has
         it), its description, and the clocks."""
         opt, data, world = self.opt, self.data, self.ranks.world
-        first = list(range(min(64, len(data))))
-        real = next(uint8_batches(data, first, 64)).float() / 127.5 - 1
+        some = torch.randperm(len(data), generator=torch.Generator().manual_seed(opt.manualSeed))
+        real = next(uint8_batches(data, some[:64].tolist(), 64)).float() / 127.5 - 1
         self.real_spread = real.std(0).mean().item()  # for the collapse warning
         if self.last_good is None:
             self.ranks.on_main(save_grid, real, os.path.join(opt.outf, "real_samples.png"))
@@ -1059,12 +1100,13 @@ class Run:
         rate = (self.step - self.tick_step) * images_per_step / seconds
         self.tick, self.tick_step = time.monotonic(), self.step
         epoch_left, run_left = (datetime.timedelta(seconds=round(n * images_per_step / rate))
-                                for n in (self.per_epoch - self.it, total - self.step))
-        self.log(f"[{self.epoch}/{opt.niter}][{self.it}/{self.per_epoch}] Loss_D: {loss_d:.4f} "
-                 f"Loss_G: {loss_g:.4f} D(x): {d_x:.4f} D(G(z)): {d_g_z1:.4f} / {d_g_z2:.4f} | "
-                 f"{rate:.0f} img/s | left: epoch {epoch_left} run {run_left}", flush=True)
+                                for n in (self.per_epoch - self.epoch_it, total - self.step))
+        self.log(f"[{self.epoch}/{opt.niter}][{self.epoch_it}/{self.per_epoch}] "
+                 f"Loss_D: {loss_d:.4f} Loss_G: {loss_g:.4f} D(x): {d_x:.4f} "
+                 f"D(G(z)): {d_g_z1:.4f} / {d_g_z2:.4f} | {rate:.0f} img/s | "
+                 f"left: epoch {epoch_left} run {run_left}", flush=True)
         warning = self.watch_for_collapse(d_g_z1, loss_g) if self.ranks.is_main else ""
-        row = (self.epoch, self.it, self.step, loss_d, loss_g, d_x, d_g_z1, d_g_z2, rate, warning)
+        row = (self.epoch, self.epoch_it, self.step, *values, rate, warning)
         for k, v in zip(LOG_FIELDS, row):
             self.history[k].append(v)
         self.ranks.on_main(write_rows, os.path.join(opt.outf, "losses.csv"), [row])
@@ -1101,7 +1143,7 @@ class Run:
         noise_rngs = self.ranks.gather(self.noise_rng.get_state())
         ckpt = {"format": FORMAT, "netG": self.netG.state_dict(), "netD": self.netD.state_dict(),
                 "optG": self.optG.state_dict(), "optD": self.optD.state_dict(),
-                "scaler": self.scaler.state_dict(), "epoch": self.epoch, "iter": self.it,
+                "scaler": self.scaler.state_dict(), "epoch": self.epoch, "iter": self.epoch_it,
                 "step": self.step, "fixed_noise": self.fixed_noise.cpu(), "config": self.config,
                 "noise_rng": noise_rngs, "history": self.history}
         if self.netG_ema is not None:
@@ -1276,9 +1318,11 @@ def make_images(opt, device):
 def train(opt, device, ranks):
     """Set up (a mistake on any rank ends every rank with one line), load the data, start or
     resume, and loop; no phase runs a collective inside another's agreement."""
+    ranks.agree(check_outf, opt, ranks.is_main)
     dataset = ranks.local_first(open_dataset, opt)  # (a download, once a node)
-    run = ranks.agree(Run, opt, device, ranks, dataset)
-    data = ranks.local_first(preloaded, opt, dataset, run.config["data"], run.log)
+    same_images, cache_name = ranks.agree(data_keys, opt, dataset)
+    run = ranks.agree(Run, opt, device, ranks, same_images)
+    data = ranks.local_first(preloaded, opt, dataset, cache_name, device, run.log)
     run.start(data)
     return run.loop()
 

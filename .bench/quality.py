@@ -72,7 +72,8 @@ def real_images(opt):
     args = dcgan.parse_args(["--dataset", "folder", "--dataroot", folder, "--imageSize", str(opt.imageSize),
                              "--cache-dir", os.path.join(opt.work, "cache"), "--workers", "2"])
     dataset = dcgan.open_dataset(args)
-    data = dcgan.preloaded(args, dataset, dcgan.data_key(args, dataset), lambda *a: None)
+    data = dcgan.preloaded(args, dataset, dcgan.data_keys(args, dataset)[1], torch.device("cpu"),
+                           lambda *a: None)
     held_out = data[torch.randperm(len(data), generator=torch.Generator().manual_seed(7))[:2 * opt.samples]]
     return folder, held_out
 
