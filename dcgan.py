@@ -261,8 +261,8 @@ def decode_image(path, nc):
 
 
 class Images(torch.utils.data.Dataset):
-    """uint8 images (nc, S, S) from the files under root; one that cannot be read comes back as its
-    path."""
+    """(uint8 image (nc, S, S), None) from the files under root; of a file that cannot be read, the
+    next readable file's image (up to 100 on) or None, and the file's path."""
 
     def __init__(self, root, paths, nc, transform):
         self.root, self.paths, self.nc, self.transform = root, paths, nc, transform
@@ -271,8 +271,11 @@ class Images(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i):
-        img = decode_image(self.paths[i], self.nc)
-        return self.paths[i] if img is None else self.transform(img)
+        for j in range(i, i + 100):
+            img = decode_image(self.paths[j % len(self.paths)], self.nc)
+            if img is not None:
+                return self.transform(img), None if j == i else self.paths[i]
+        return None, self.paths[i]
 
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm",
@@ -345,11 +348,11 @@ def data_keys(opt, dataset):
     if isinstance(dataset, torch.Tensor):
         return same_images, None
     names = hashlib.sha1(opt.classes.encode() if opt.dataset == "lsun" else b"")
-    times = hashlib.sha1(str(DECODE_VERSION).encode())
+    times = hashlib.sha1(f"{DECODE_VERSION} {names.hexdigest()}".encode())
     for path in getattr(dataset, "paths", ()):
         stat = os.stat(path)
         names.update(f"{os.path.relpath(path, dataset.root)} {stat.st_size}\n".encode())
-        times.update(f"{stat.st_mtime_ns}\n".encode())
+        times.update(f"{os.path.relpath(path, dataset.root)} {stat.st_mtime_ns}\n".encode())
     folder = hashlib.sha1(os.path.realpath(opt.dataroot).encode()).hexdigest()[:8]
     same_images += f"-{names.hexdigest()[:12]}"
     return same_images, f"{opt.dataset}-{opt.imageSize}px-{folder}-{times.hexdigest()[:12]}"
@@ -393,30 +396,33 @@ def cached(dataset, path, shape, workers, log):
     if data is None:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         folder, name = os.path.split(path)
-        with open(os.path.join(folder, f".{name}.lock"), "ab") as lock:  # never renamed
-            if fcntl and not lock_now(lock):
-                log(f"waiting for another process's decode into {path}", flush=True)
-                fcntl.flock(lock, fcntl.LOCK_EX)
+        lock = os.open(os.path.join(folder, f".{name}.lock"), os.O_RDONLY | os.O_CREAT, 0o666)
+        try:  # (a file never renamed nor removed, which every user of the cache can open)
+            wait_for_lock(lock, f"waiting for another process's decode into {path}", log)
             data = mapped(path, shape)  # (that process's file)
             if data is None:
                 if os.path.exists(path):
                     warn(f"the cache {path} is damaged or does not match the data set: decoding "
                          "it again")
                 decode_into(path, dataset, shape, workers, log)
-                data = mapped(path, shape)
                 log(f"cached the decoded data set in {path}, memory-mapped from there")
-                return data
+                return mapped(path, shape)
+        finally:
+            os.close(lock)  # (the lock ends with it)
     log(f"data set: {len(data)} images, memory-mapped from cache {path}")
     return data
 
 
-def lock_now(lock):
-    """Whether the lock on the file could be taken at once."""
+def wait_for_lock(fd, waiting, log):
+    """The lock on the open file fd, saying `waiting` if another process holds it; none where
+    there are no locks (Windows, NFS without them: the temporaries are a host's own anyway)."""
     try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        return False
-    return True
+        log(waiting, flush=True)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except (OSError, AttributeError):  # (AttributeError: no fcntl)
+        pass
 
 
 def decode_into(path, dataset, shape, workers, log):
@@ -432,10 +438,9 @@ def decode_into(path, dataset, shape, workers, log):
         out.flush()
         del out
     stem, this_host = name.rsplit("-", 1)[0], f".{socket.gethostname()}.tmp"
-    for older in os.listdir(folder):  # earlier decodes of this folder at this size, their locks
-        # and this host's temporaries of them (other hosts may be decoding theirs)
-        stale = older.startswith(stem) or \
-            older.startswith("." + stem) and older.endswith((".lock", this_host))
+    for older in os.listdir(folder):  # earlier decodes of this folder at this size, and this
+        # host's temporaries of them (other hosts may be decoding theirs; locks are kept)
+        stale = older.startswith(stem) or older.startswith("." + stem) and older.endswith(this_host)
         if stale and not older.lstrip(".").startswith(name):
             remove(os.path.join(folder, older))
 
@@ -455,33 +460,33 @@ def decode_all(dataset, workers, log, out):
     them stop the run."""
     loader = torch.utils.data.DataLoader(dataset, batch_size=256, num_workers=workers,
                                          collate_fn=readable_batch)
-    unreadable, done, empty_batch, last_log = [], 0, False, time.monotonic()
+    unreadable, done, last_log = [], 0, time.monotonic()
     for images, bad in loader:
-        if images is not None:
-            out[done:done + len(images)] = images
-        unreadable, empty_batch = unreadable + bad, empty_batch or images is None
-        done += len(bad) if images is None else len(images)
+        if images is None:
+            raise Fail(EXIT_DATA, f"100 files in a row from {bad[0]} on cannot be read; remove or "
+                                  "replace them")
+        out[done:done + len(images)] = images
+        unreadable, done = unreadable + bad, done + len(images)
         if time.monotonic() - last_log > 5 or done == len(dataset):
             log(f"decoding the data set once: {done}/{len(dataset)} images")
             last_log = time.monotonic()
     if unreadable:
         more = " and more" if len(unreadable) > 5 else ""
-        warn(f"{len(unreadable)} unreadable image(s), each replaced by another of its batch: "
+        warn(f"{len(unreadable)} unreadable image(s), each replaced by the next readable one: "
              f"{', '.join(unreadable[:5])}{more}")
-    if len(unreadable) > max(1, len(dataset) // 100) or empty_batch:
+    if len(unreadable) > max(1, len(dataset) // 100):
         raise Fail(EXIT_DATA, f"{len(unreadable)} of {len(dataset)} images in --dataroot could "
                               f"not be read (first: {unreadable[0]}); remove or replace them")
 
 
 def readable_batch(items):
-    """(the batch, an unreadable file's place taken by another image of the batch, or None if none
-    is readable; the paths of the files that could not be read). Of (image, label), the image."""
-    items = [x[0] if isinstance(x, tuple) else x for x in items]
-    images = [x for x in items if isinstance(x, torch.Tensor)]
-    unreadable = [x for x in items if isinstance(x, str)]
-    if not images:
+    """(the images stacked, or None if one is missing; the paths of the files that could not be
+    read) from Images' pairs; of a torchvision set's (image, label), the image."""
+    images = [img for img, _ in items]
+    unreadable = [x for _, x in items if isinstance(x, str)]
+    if any(img is None for img in images):
         return None, unreadable
-    return torch.stack([images[i % len(images)] for i in range(len(items))]), unreadable
+    return torch.stack(images), unreadable
 
 
 def ignore_signals(worker_id):
@@ -503,9 +508,10 @@ def uint8_batches(data, order, batch_size, workers=0, pin_memory=False):
                                          worker_init_fn=ignore_signals)
     for images, unreadable in loader:
         if images is None:
-            raise Fail(EXIT_DATA, f"no image of a batch could be read ({', '.join(unreadable)})")
+            raise Fail(EXIT_DATA, f"100 files in a row from {unreadable[0]} on cannot be read; "
+                                  "remove or replace them")
         for path in unreadable:
-            warn(f"{path} cannot be read: another image of its batch takes its place")
+            warn(f"{path} cannot be read: the next readable image takes its place")
         yield images
 
 
@@ -957,6 +963,8 @@ class Run:
         self.sums = torch.zeros(5, device=device)  # train_step's values since the last log line
         self.step_t = torch.tensor(self.step, device=device)  # for the average's warm-up
         self.graph, self.warmup = None, 0
+        if self.cuda_graph:
+            self.side_stream = torch.cuda.Stream(device)  # for the warm-up before the capture
 
     def resume(self, ckpt):
         """The networks, optimizers, averaged G, scaler, noise and position of the checkpoint."""
@@ -989,11 +997,10 @@ class Run:
             self.static_z.copy_(z)
             self.graph.replay()
         elif self.warmup < 3:
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):
+            self.side_stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self.side_stream):
                 self.train_one(real, z)
-            torch.cuda.current_stream(self.device).wait_stream(side)
+            torch.cuda.current_stream(self.device).wait_stream(self.side_stream)
             self.warmup += 1
         else:  # capture once; capturing records the iteration without running it: replay it now
             self.static_real, self.static_z = real.clone(), z.clone()

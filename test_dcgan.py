@@ -335,8 +335,9 @@ def cached_files(cache):
 
 
 def decode(dataset):
-    out = torch.empty(len(dataset), dataset.nc, *dataset[0].shape[1:], dtype=torch.uint8)
-    return out[:dcgan.decode_all(dataset, 0, lambda *a: None, out)]
+    out = torch.empty(len(dataset), dataset.nc, *dataset[0][0].shape[1:], dtype=torch.uint8)
+    dcgan.decode_all(dataset, 0, lambda *a: None, out)
+    return out
 
 
 def first_batch(argv):
@@ -423,8 +424,12 @@ def test_odd_images_decode_and_bad_ones_are_skipped(tmp_path, capsys):
     data = dcgan.open_dataset(opt)
     decoded = decode(data)
     err = capsys.readouterr().err
-    assert "broken.jpg" in err and "replaced by another of its batch" in err
-    assert decoded.shape == (208, 3, 16, 16)  # every file, the broken one's place taken
+    assert "broken.jpg" in err and "replaced by the next readable one" in err
+    assert decoded.shape == (208, 3, 16, 16)  # every file, each unreadable one's place taken
+    for i, path in enumerate(data.paths):  # every readable file in its own place
+        img = dcgan.decode_image(path, 3)
+        if img is not None:
+            assert torch.equal(decoded[i], data.transform(img)), path
 
 
 def test_too_many_bad_images_stop_the_run(tmp_path, capsys, image_folder):
@@ -445,7 +450,7 @@ def test_an_unreadable_file_in_a_stream_is_named_and_replaced(tmp_path, command)
     r = cli(["--dataset", "folder", "--dataroot", d, *TINY, "--batchSize", 10, "--workers", 1, "--outf", tmp_path / "o",
              "--niter", 1, *command])
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
-    assert "000100.jpg cannot be read: another image of its batch takes its place" in r.stderr
+    assert "000100.jpg cannot be read: the next readable image takes its place" in r.stderr
     if "--export-real" in command:
         assert len(os.listdir(tmp_path / "o" / "real")) == 299
 
@@ -471,13 +476,23 @@ def test_the_cache_key_does_not_depend_on_how_dataroot_is_spelled(tmp_path, caps
     assert len(cached_files(cache)) == 1
 
 
-def test_a_batch_of_nothing_but_unreadable_files_is_counted_too(tmp_path, capsys):
+def test_a_hundred_unreadable_files_in_a_row_stop_the_decode(tmp_path, capsys):
     d = make_images(tmp_path / "imgs", 300, size=(20, 20))
     for i in range(300):
-        (d / f"zz{i:03d}.jpg").write_bytes(b"garbage")  # after the good ones: the third batch of 256 holds no image
+        (d / f"zz{i:03d}.jpg").write_bytes(b"garbage")  # after the good ones
     code = run_main(["--dataset", "folder", "--dataroot", d, "--outf", tmp_path / "out", "--cache-dir", "", *TINY])
     err = capsys.readouterr().err
-    assert code == dcgan.EXIT_DATA and "300 of 600 images in --dataroot could not be read" in err, err[-2000:]
+    assert code == dcgan.EXIT_DATA and "100 files in a row from" in err and "zz000.jpg on cannot" in err, err[-2000:]
+
+
+def test_an_unreadable_last_file_takes_the_first_ones_image(tmp_path, capsys):
+    """257 files, the last alone in the last batch of 256, and unreadable: its place is taken by the first
+    file's image (the search wraps around), and the decode goes on."""
+    d = make_numbered_images(tmp_path / "imgs", 257)
+    (d / "000256.png").write_bytes(b"garbage")
+    opt = dcgan.parse_args(["--dataset", "folder", "--dataroot", str(d), "--imageSize", "16"])
+    decoded = decode(dcgan.open_dataset(opt))
+    assert "000256.png" in capsys.readouterr().err and torch.equal(decoded[256], decoded[0])
 
 
 def test_decoded_data_set_is_cached_and_redone_when_the_folder_changes(tmp_path, capsys, image_folder):
@@ -499,7 +514,7 @@ def test_decode_goes_straight_into_a_memory_mapped_cache(tmp_path, capsys):
     """The decoded set is written into a preallocated file and trained from it memory-mapped, so
     memory use does not grow with the data set; its images equal a decode into memory."""
     d = make_images(tmp_path / "imgs", 300, size=(30, 20))
-    (d / "broken.jpg").write_bytes(b"not an image")  # its place taken by another image of its batch
+    (d / "broken.jpg").write_bytes(b"not an image")  # its place taken by the next readable image
     opt = dcgan.parse_args(["--dataset", "folder", "--dataroot", str(d), "--imageSize", "16",
                             "--cache-dir", str(tmp_path / "cache"), "--workers", "0"])
     dataset = dcgan.open_dataset(opt)
@@ -631,12 +646,18 @@ def test_a_decode_killed_midway_leaves_nothing_that_the_next_run_does_not_clean(
     assert name.endswith(".npy") and not name.startswith(".")
 
 
-def test_the_decodes_version_is_part_of_the_cache_key(monkeypatch, image_folder):
+def test_the_cache_name_follows_the_decodes_version_and_the_files_names(monkeypatch, image_folder):
     opt = dcgan.parse_args(["--dataset", "folder", "--dataroot", str(image_folder(5)), *TINY])
     dataset = dcgan.open_dataset(opt)
     same_images, cache_name = dcgan.data_keys(opt, dataset)
     monkeypatch.setattr(dcgan, "DECODE_VERSION", dcgan.DECODE_VERSION + 1)
     assert dcgan.data_keys(opt, dataset)[0] == same_images and dcgan.data_keys(opt, dataset)[1] != cache_name
+    monkeypatch.undo()
+    # a file renamed with its time kept: other images (their order), another cache
+    first, moved = dataset.paths[0], os.path.join(os.path.dirname(dataset.paths[0]), "zz.jpg")
+    os.rename(first, moved)
+    renamed = dcgan.open_dataset(opt)
+    assert dcgan.data_keys(opt, renamed)[0] != same_images and dcgan.data_keys(opt, renamed)[1] != cache_name
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1429,7 +1450,7 @@ def test_export_real_writes_what_the_networks_see(tmp_path):
     assert pngs == [f"{i:06d}.png" for i in range(25)]
     opt = dcgan.parse_args(["--dataroot", str(tmp_path / "celeba"), "--imageSize", "32", "--cache-dir", ""])
     dataset = dcgan.open_dataset(opt)
-    seen = {tuple(dataset[i][:, 0, 0].tolist()): dataset[i] for i in range(40)}
+    seen = {tuple(dataset[i][0][:, 0, 0].tolist()): dataset[i][0] for i in range(40)}
     for name in pngs:
         img = dcgan.decode_image(tmp_path / "out" / "real" / name, 3)
         assert img.shape == (3, 32, 32) and torch.equal(img, seen[tuple(img[:, 0, 0].tolist())])
