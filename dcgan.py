@@ -685,12 +685,12 @@ def load_generator(path):
 
 
 # What a resumed run must share with the run that wrote its checkpoint: the networks' shapes, the
-# batches and their order, the noise (whose generator differs between device types)
+# batches and their order, the noise (whose generator differs between device types), the score
 MUST_MATCH = ("nz", "ngf", "ndf", "nc", "imageSize", "batchSize", "manualSeed", "processes",
-              "device", "data")
+              "device", "data", "score_images")
 LOG_FIELDS = ["epoch", "iter", "step", "loss_d", "loss_g", "d_x", "d_g_z1", "d_g_z2", "img_per_s",
               "warning"]
-FORMAT = 2  # of checkpoint.pt
+FORMAT = 3  # of checkpoint.pt
 
 
 def read_checkpoint(path, config):
@@ -868,6 +868,49 @@ def wrap(net, opt, device, world):
     return net
 
 
+# ---- Which G to keep: a DCGAN's losses do not say how good its samples are, and the samples
+# often get worse late in a run. After every epoch G's samples are scored against real images by
+# the sliced Wasserstein distance between their patches (Karras et al. 2018, section 5; README has
+# the measurements), and netG_best.pth keeps the best-scoring G.
+def pyramid(images):
+    """A Laplacian pyramid: the detail that each halving of the size loses, down to 16x16, then
+    the 16x16 images."""
+    levels = []
+    while images.shape[-1] > 16:
+        half = F.avg_pool2d(images, 2)
+        levels.append(images - F.interpolate(half, scale_factor=2, mode="bilinear"))
+        images = half
+    return levels + [images]
+
+
+def patches(images, seed, per_image=128, size=7):
+    """Per level of the pyramid, 128 random 7x7 patches of each image, flattened, each channel
+    normalised over them all."""
+    rng = torch.Generator().manual_seed(seed)
+    out = []
+    for level in pyramid(images):
+        n, starts = len(level), level.shape[-1] - size + 1  # (the images are square)
+        rows = torch.randint(starts, (n, per_image), generator=rng).to(level.device)
+        cols = torch.randint(starts, (n, per_image), generator=rng).to(level.device)
+        windows = level.unfold(2, size, 1).unfold(3, size, 1).permute(0, 2, 3, 1, 4, 5)
+        picked = windows[torch.arange(n, device=level.device)[:, None], rows, cols].flatten(0, 1)
+        mean, std = picked.mean((0, 2, 3), keepdim=True), picked.std((0, 2, 3), keepdim=True)
+        out.append(((picked - mean) / std).flatten(1))
+    return out
+
+
+def sliced_wasserstein(real, fake, repeats=4, directions=128):
+    """The distance (x 1000, averaged over the levels) between two equal sets of patches: the mean
+    gap between their sorted projections on 4 x 128 random directions; 0 for the same sets."""
+    rng, total = torch.Generator().manual_seed(0), 0.0
+    for a, b in zip(real, fake):
+        for _ in range(repeats):
+            d = F.normalize(torch.randn(directions, a.shape[1], generator=rng), dim=1)
+            d = d.to(a.device)
+            total += ((d @ a.T).sort().values - (d @ b.T).sort().values).abs().mean().item()
+    return 1e3 * total / (repeats * len(real))
+
+
 # ---- The run: set up, resume, then the loop (a step, maybe a log line, a save, a stop)
 def check_outf(opt, is_main):
     """--outf may hold no other run than the one resumed (from a checkpoint there, or a copy of
@@ -931,6 +974,7 @@ class Run:
         self.history = {k: [] for k in LOG_FIELDS}
         self.epoch = self.epoch_it = self.step = 0
         self.d_wins_since, self.warned = None, set()
+        self.scores = []  # [epoch, score] after each epoch
 
     def start(self, data):
         """The data, the networks on the device (DDP wraps them here), the optimizers, and a
@@ -953,6 +997,8 @@ class Run:
         self.netG_ema = None
         if opt.ema:
             self.netG_ema = copy.deepcopy(self.netG).requires_grad_(False).eval()
+        # the G that the grids and the score show, and netG_best.pth keeps
+        self.shown_G = self.netG if self.netG_ema is None else self.netG_ema
         if self.ckpt:
             self.resume(self.ckpt)
             self.ckpt = None  # free it
@@ -975,7 +1021,8 @@ class Run:
             self.netG_ema.load_state_dict(ckpt.get("netG_ema", self.netG.state_dict()))
         self.scaler.load_state_dict(ckpt["scaler"])
         self.noise_rng.set_state(ckpt["noise_rng"][self.ranks.rank])  # this rank's own noise
-        self.fixed_noise, self.history = ckpt["fixed_noise"], ckpt["history"]
+        self.fixed_noise, self.history, self.scores = (ckpt[k] for k in
+                                                       ("fixed_noise", "history", "scores"))
         self.epoch, self.epoch_it, self.step = ckpt["epoch"], ckpt["iter"], ckpt["step"]
         self.log(f"resumed from {self.last_good} at epoch {self.epoch}, iteration {self.epoch_it} "
                  f"(step {self.step})")
@@ -1045,9 +1092,10 @@ class Run:
                     if self.step == total:
                         break
                 if self.epoch_it == self.per_epoch:  # (else --max-steps or --dry-run ended it)
-                    self.log(f"epoch {self.epoch} done: {time.monotonic() - began:.1f} s")
                     self.epoch, self.epoch_it = self.epoch + 1, 0
-                    self.save(epoch_done=self.epoch - 1)
+                    scored = self.save(epoch_done=self.epoch - 1)
+                    self.log(f"epoch {self.epoch - 1} done: {time.monotonic() - began:.1f} s"
+                             f"{scored}")
             return self.finish(first_step)
 
     def save_if_due(self, stop):
@@ -1083,6 +1131,12 @@ class Run:
             self.ranks.on_main(save_grid, real, os.path.join(opt.outf, "real_samples.png"))
         rows = [LOG_FIELDS, *zip(*(self.history[k] for k in LOG_FIELDS))]
         self.ranks.on_main(write_rows, os.path.join(opt.outf, "losses.csv"), rows, "w")
+        if opt.score_images and self.ranks.is_main:  # the score's real images, the same each run
+            real = torch.cat(list(uint8_batches(data, some[:opt.score_images].tolist(), 256)))
+            self.n_scored = len(real)
+            self.real_patches = patches(real.to(self.device).float() / 127.5 - 1, seed=0)
+            write_rows(os.path.join(opt.outf, "scores.csv"), [("epoch", "score"), *self.scores],
+                       "w")
         kept = "decoded once"
         if not isinstance(data, torch.Tensor):
             kept = f"decoded each epoch by {opt.workers} workers"
@@ -1118,10 +1172,9 @@ class Run:
             self.history[k].append(v)
         self.ranks.on_main(write_rows, os.path.join(opt.outf, "losses.csv"), [row])
 
-    def fixed_samples(self):
-        """The samples of the grids: the averaged G's, with --ema, from the fixed noise."""
-        netG = self.netG if self.netG_ema is None else self.netG_ema
-        return sample(netG, self.fixed_noise, self.opt.sample_bn == "batch").float()
+    def samples(self, z):
+        """The images of the grids and the score: the averaged G's with --ema."""
+        return sample(self.shown_G, z, self.opt.sample_bn == "batch").float()
 
     def watch_for_collapse(self, d_g_z, loss_g, stretch=200):
         """Two failures with finite losses, said once and named in losses.csv: D wins outright
@@ -1133,7 +1186,9 @@ class Run:
             kinds["d_wins"] = (f"D has rejected nearly every fake for "
                                f"{self.step - self.d_wins_since} iterations (D(G(z)) {d_g_z:.4f}, "
                                f"Loss_G {loss_g:.2f}): G has stopped learning")
-        spread = self.fixed_samples().std(0).mean().item() if self.step >= 200 else math.inf
+        spread = math.inf
+        if self.step >= 200:
+            spread = self.samples(self.fixed_noise).std(0).mean().item()
         if spread < 0.1 * self.real_spread:
             kinds["collapsed"] = (f"the samples from the fixed noise have stopped varying "
                                   f"(per-pixel spread {spread:.3f}, the data's "
@@ -1152,22 +1207,25 @@ class Run:
                 "optG": self.optG.state_dict(), "optD": self.optD.state_dict(),
                 "scaler": self.scaler.state_dict(), "epoch": self.epoch, "iter": self.epoch_it,
                 "step": self.step, "fixed_noise": self.fixed_noise.cpu(), "config": self.config,
-                "noise_rng": noise_rngs, "history": self.history}
+                "noise_rng": noise_rngs, "history": self.history, "scores": self.scores}
         if self.netG_ema is not None:
             ckpt["netG_ema"] = self.netG_ema.state_dict()
-        self.ranks.on_main(self.write_files, ckpt, epoch_done)
+        scored = self.ranks.on_main(self.write_files, ckpt, epoch_done)
         self.last_good = None if self.opt.dry_run else self.ckpt_path
         self.last_save = time.monotonic()
+        return scored
 
     def write_files(self, ckpt, epoch_done):
-        """An epoch's sample grid, weights and loss plot, then the checkpoint; nothing if the state
-        is not finite."""
-        outf = self.opt.outf
+        """An epoch's sample grid, weights, loss plot and score, then the checkpoint; nothing if
+        the state is not finite. Returns the epoch line's words on the score."""
+        outf, scored = self.opt.outf, ""
         if not all_finite(ckpt):
             raise diverged(f"non-finite weights or optimizer state at step {self.step}",
                            self.epoch, self.last_good)
+        if epoch_done is not None and self.opt.score_images:
+            scored = self.score(epoch_done)
         if epoch_done is not None:
-            save_grid(self.fixed_samples(),
+            save_grid(self.samples(self.fixed_noise),
                       os.path.join(outf, f"fake_samples_epoch_{epoch_done:03d}.png"))
             for name in ("netG", "netG_ema", "netD"):
                 if name in ckpt:
@@ -1176,6 +1234,23 @@ class Run:
             plot_losses(self.history, os.path.join(outf, "losses.png"))
         if not self.opt.dry_run:
             atomic_write(self.ckpt_path, lambda f: torch.save(ckpt, f))
+        return scored
+
+    def score(self, epoch_done):
+        """The epoch's score (lower is better) in scores.csv, and its G in netG_best.pth when no
+        epoch scored lower: samples from fixed noise against the real images of the first files."""
+        opt = self.opt
+        z = torch.randn(self.n_scored, opt.nz, 1, 1, generator=torch.Generator().manual_seed(0))
+        fake = torch.cat([self.samples(part.to(self.device)) for part in z.split(opt.batchSize)])
+        score = sliced_wasserstein(self.real_patches, patches(fake, seed=1))
+        best = min(self.scores, key=lambda row: row[1], default=[None, math.inf])
+        self.scores.append([epoch_done, score])
+        write_rows(os.path.join(opt.outf, "scores.csv"), [self.scores[-1]])
+        if score < best[1]:
+            best = self.scores[-1]
+            atomic_write(os.path.join(opt.outf, "netG_best.pth"),
+                         lambda f: torch.save(self.shown_G.state_dict(), f))
+        return f"; score {score:.4g}, best {best[1]:.4g} (epoch {best[0]})"
 
 
 # ---- The command line: the flags, the commands that make images without training, main
@@ -1249,6 +1324,8 @@ def add_own_flags(a):
       help="also keep a moving average of G, e.g. 0.999")
     a("--sample-bn", default="batch", choices=["batch", "eval"],
       help="BatchNorm statistics when sampling")
+    a("--score-images", type=count, default=1000, metavar="N",
+      help="real images and samples of the score after each epoch (0: off)")
     a("--log-every", type=positive, default=50, help="log every N iterations")
     a("--save-every", type=count, default=0, help="also save the checkpoint every N iterations")
     a("--save-minutes", type=minutes, default=10.0, help="also save it every N minutes (0: off)")

@@ -667,7 +667,7 @@ def test_the_cache_name_follows_the_decodes_version_and_the_files_names(monkeypa
 def test_checkpoint_holds_everything_a_run_needs_to_go_on(short_run):
     ck = torch.load(short_run / "checkpoint.pt", weights_only=True)
     assert {"format", "netG", "netD", "optG", "optD", "epoch", "iter", "step", "fixed_noise", "config",
-            "noise_rng", "history"} <= ck.keys()
+            "noise_rng", "history", "scores"} <= ck.keys()
     assert (ck["epoch"], ck["iter"], ck["step"]) == (0, 2, 2)
     assert len(ck["noise_rng"]) == 1 and ck["noise_rng"][0].dtype == torch.uint8
     assert ck["config"]["ngf"] == 8 and ck["config"]["nc"] == 3
@@ -990,7 +990,13 @@ def test_torchrun_resume_is_exact_and_each_rank_keeps_its_noise(tmp_path):
     resumed = [steps_of(trace, 0), steps_of(trace, 1)]
     assert resumed[0] == straight[0][4:] and resumed[1] == straight[1][4:]  # same images, same noise
     assert all(x[1] != y[1] for x, y in zip(*resumed))  # and the ranks' noise differs
-    assert_same_training_state(state(tmp_path / "a" / "checkpoint.pt"), state(tmp_path / "b" / "checkpoint.pt"))
+    ca, cb = state(tmp_path / "a" / "checkpoint.pt"), state(tmp_path / "b" / "checkpoint.pt")
+    assert_same_training_state(ca, cb)
+    # rank 0 scores, and the resumed run keeps its scores and its best G
+    assert ca["scores"] == cb["scores"] and [e for e, _ in ca["scores"]] == [0, 1]
+    assert r.stdout.count("epoch 1 done:") == 1 and "best" in r.stdout
+    for name in ("scores.csv", "netG_best.pth"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     # another number of processes cannot continue it exactly: refused in one line
     r = cli(base + ["--outf", tmp_path / "b", "--resume"])
     assert r.returncode == dcgan.EXIT_FILE and "processes 2 saved vs 1 now" in r.stderr and r.stderr.count("\n") == 1
@@ -1194,6 +1200,52 @@ def test_dry_run_writes_the_epoch_files_and_no_checkpoint(tmp_path):
     assert rows[0].startswith("epoch,iter,step,loss_d,loss_g") and len(rows) == 2
 
 
+def test_the_score_of_real_images_against_real_ones_is_far_below_an_untrained_gs():
+    real = dcgan.synthetic_faces(500, 16, seed=1).float() / 127.5 - 1
+    other = dcgan.synthetic_faces(500, 16, seed=2).float() / 127.5 - 1
+    torch.manual_seed(0)
+    G = dcgan.Generator(100, 8, 3, 16).apply(dcgan.weights_init)
+    fake = dcgan.sample(G, torch.randn(500, 100, 1, 1))
+    reals = dcgan.patches(real, seed=0)
+    floor = dcgan.sliced_wasserstein(reals, dcgan.patches(other, seed=1))
+    untrained = dcgan.sliced_wasserstein(reals, dcgan.patches(fake, seed=1))
+    assert dcgan.sliced_wasserstein(reals, reals) == 0 and 0 < floor < 0.2 * untrained, (floor, untrained)
+    assert dcgan.sliced_wasserstein(reals, dcgan.patches(fake, seed=1)) == untrained  # the same G, the same score
+    # 128 7x7 patches of 3 colours per image at each level: 32x32's detail, then 16x16
+    assert [p.shape for p in dcgan.patches(real[:4].repeat(1, 1, 2, 2), seed=0)] == [(512, 147)] * 2
+
+
+def scores_csv(out):
+    return [(int(e), float(s)) for e, s in (r.split(",") for r in (out / "scores.csv").read_text().splitlines()[1:])]
+
+
+def test_netG_best_is_the_best_scoring_epochs_g(tmp_path, capsys):
+    """Two epochs, then two more resumed at 100x the learning rate, which spoils G: netG_best.pth
+    stays the G of the lowest score in scores.csv, and each epoch line gives its score and the best."""
+    out, base = tmp_path / "out", ["--dataset", "fake", *TINY, "--score-images", 256, "--outf", tmp_path / "out"]
+    assert run_main(base + ["--niter", 2]) == 0
+    assert run_main(base + ["--niter", 4, "--lr", 0.02, "--resume"]) == 0
+    scores = scores_csv(out)
+    assert [e for e, _ in scores] == [0, 1, 2, 3]
+    best = min(scores, key=lambda row: row[1])
+    assert best[0] in (0, 1), scores  # (else this run could not tell the best G from the last)
+    kept = state(out / "netG_best.pth")
+    assert kept.keys() == state(out / "netG_epoch_0.pth").keys()
+    for e, _ in scores:
+        same = all(torch.equal(v, state(out / f"netG_epoch_{e}.pth")[k]) for k, v in kept.items())
+        assert same == (e == best[0]), e
+    line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("epoch 3 done: ")]
+    assert line and line[0].endswith(f"; score {scores[3][1]:.4g}, best {best[1]:.4g} (epoch {best[0]})")
+    # a data set smaller than --score-images uses what it has; 0 turns the score off
+    d = make_images(tmp_path / "imgs", 40, size=(20, 20))
+    for n, scored in ((1000, True), (0, False)):
+        out = tmp_path / f"small{n}"
+        assert run_main(["--dataset", "folder", "--dataroot", d, *TINY, "--niter", 1, "--score-images", n,
+                         "--outf", out]) == 0
+        assert (out / "scores.csv").exists() == (out / "netG_best.pth").exists() == scored
+    assert len(scores_csv(tmp_path / "small1000")) == 1
+
+
 def resume_pair(tmp_path, extra, stop):
     """An uninterrupted run and one that is stopped by `stop(args, out)` and resumed."""
     base = ["--cache-dir", "", *TINY, "--niter", 2] + extra
@@ -1204,6 +1256,10 @@ def resume_pair(tmp_path, extra, stop):
     assert r.returncode == 0, r.stderr
     ca, cb = state(a / "checkpoint.pt"), state(b / "checkpoint.pt")
     assert_same_training_state(ca, cb)
+    # the scores and the best G, bitwise
+    assert ca["scores"] == cb["scores"] and len(ca["scores"]) == 2
+    assert (a / "scores.csv").read_bytes() == (b / "scores.csv").read_bytes()
+    assert all(torch.equal(v, state(b / "netG_best.pth")[k]) for k, v in state(a / "netG_best.pth").items())
     # the log continues: every row of the uninterrupted run is there (plus one where it stopped)
     assert set(ca["history"]["step"]) <= set(cb["history"]["step"])
     return a, b

@@ -17,8 +17,17 @@ The data is --dataroot (a folder of images, e.g. CelebA's img_align_celeba) or, 
 dcgan.py's synthetic faces written to a folder; --data digits makes a second, unlike set instead:
 one- and two-digit numbers in Pillow's built-in font, in random colours, sizes, places and slants.
 Results go to --work/results.json and a table.
+
+--per-epoch also scores every epoch's G of each dcgan.py run (netG_epoch_N.pth, BatchNorm in batch
+mode, as dcgan.py's own score samples) and prints, per seed, the benchmark's distance of each epoch
+beside the score in the run's scores.csv, their rank correlation, and the benchmark's distance of
+netG_best.pth against the last epoch's G and the run's best epoch:
+
+  python .bench/quality.py --work /tmp/q32 --imageSize 32 --train-images 8192 --niter 10 \\
+      --seeds 5 --per-epoch --variant default: --variant bf16:--amp,bf16
 """
 import argparse
+import csv
 import json
 import os
 import random
@@ -147,6 +156,39 @@ def scores(netG, net, real_features, n, seed=0):
     return out
 
 
+def spearman(a, b):
+    """Rank correlation of two equal-length lists (no ties expected)."""
+    ra, rb = (torch.tensor(x).argsort().argsort().double() for x in (a, b))
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return (ra @ rb / (ra.norm() * rb.norm())).item()
+
+
+def per_epoch(opt, outf, net, real):
+    """The benchmark's distance of each epoch's G and of netG_best.pth, beside the run's scores."""
+    bench = [scores(dcgan.load_generator(os.path.join(outf, f"netG_epoch_{e}.pth"))[0], net, real,
+                    opt.samples)["batch"] for e in range(opt.niter)]
+    with open(os.path.join(outf, "scores.csv")) as f:
+        rows = list(csv.DictReader(f))
+    score = [float(r["score"]) for r in rows]
+    best = min(range(len(score)), key=score.__getitem__)
+    kept = scores(dcgan.load_generator(os.path.join(outf, "netG_best.pth"))[0], net, real, opt.samples)["batch"]
+    return {"bench": bench, "score": score, "spearman": spearman(bench, score), "best_epoch": best,
+            "netG_best": kept, "last": bench[-1], "min": min(bench)}
+
+
+def print_per_epoch(name, runs):
+    for seed, r in enumerate(runs, 1):
+        print(f"{name} seed {seed}: benchmark per epoch {' '.join(f'{b:.1f}' for b in r['bench'])}")
+        print(f"{' ' * len(name)}         score per epoch {' '.join(f'{s:.1f}' for s in r['score'])}")
+        print(f"{' ' * len(name)}         Spearman {r['spearman']:.2f}; netG_best.pth (epoch "
+              f"{r['best_epoch']}) {r['netG_best']:.2f}, last {r['last']:.2f}, run's best {r['min']:.2f}")
+    rho = statistics.median(r["spearman"] for r in runs)
+    no_worse = sum(r["netG_best"] <= r["last"] for r in runs)
+    ratio = statistics.median(r["netG_best"] / r["min"] for r in runs)
+    print(f"{name}: median Spearman {rho:.2f}; netG_best.pth no worse than the last G on {no_worse} of "
+          f"{len(runs)} seeds; median netG_best / run's best {ratio:.3f}", flush=True)
+
+
 def run(opt, name, flags, seed, folder):
     """Trains one variant for one seed (skipped when its output is there) and returns its G."""
     outf = os.path.join(opt.work, f"{name}-seed{seed}")
@@ -185,6 +227,7 @@ def main():
                    help="NAME:FLAGS for dcgan.py, FLAGS comma-separated, e.g. ema:--ema,0.999 (default: default:)")
     p.add_argument("--example", default="", help="path of pytorch/examples dcgan/main.py, run as the anchor")
     p.add_argument("--example-args", default="", help="extra flags for the example, e.g. --accel")
+    p.add_argument("--per-epoch", action="store_true", help="also score every epoch of each dcgan.py run")
     opt = p.parse_args()
     os.makedirs(opt.work, exist_ok=True)
     folder, held_out = real_images(opt)
@@ -199,12 +242,17 @@ def main():
     variants = [v.split(":", 1) for v in (opt.variant or ["default:"])]
     if opt.example:
         variants = [["example", ""]] + variants
-    table = {}
+    table, epochs = {}, {}
     for name, flags in variants:
         for seed in range(1, opt.seeds + 1):
             got = scores(run(opt, name, [f for f in flags.split(",") if f], seed, folder), net, real, opt.samples)
             table.setdefault(name, []).append(got)
             print(f"{name} seed {seed}: eval {got['eval']:.3f}  batch {got['batch']:.3f}", flush=True)
+            if opt.per_epoch and name != "example":
+                epochs.setdefault(name, []).append(per_epoch(opt, os.path.join(opt.work, f"{name}-seed{seed}"),
+                                                             net, real))
+        if name in epochs:
+            print_per_epoch(name, epochs[name])
     print(f"\n{'variant':<22} {'BN eval: median [min, max]':<30} {'BN batch: median [min, max]'}")
     for name, rows in table.items():
         cells = []
@@ -213,7 +261,7 @@ def main():
             cells.append(f"{statistics.median(v):.3f} [{min(v):.3f}, {max(v):.3f}]")
         print(f"{name:<22} {cells[0]:<30} {cells[1]}")
     with open(os.path.join(opt.work, "results.json"), "w") as f:
-        json.dump({"anchors": results, "runs": table, "flags": vars(opt)}, f, indent=1)
+        json.dump({"anchors": results, "runs": table, "per_epoch": epochs, "flags": vars(opt)}, f, indent=1)
 
 
 if __name__ == "__main__":
