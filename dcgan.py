@@ -832,13 +832,27 @@ class StopSignal:
 
 
 # ---- Speed: precision, memory format, CUDA graphs, the networks wrapped for several devices.
-# None of it changes what a step computes, only how fast.
+# Only the precision changes what a step computes (its rounding); the rest, only how fast.
+PRECISION = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}  # for the log
+
+
+def native_bf16(device):
+    """A CUDA GPU of compute capability 8 or more, or a CPU with AMX or AVX-512 bf16."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    return device.type == "cpu" and (torch.cpu._is_amx_tile_supported()
+                                     or torch.cpu._is_avx512_bf16_supported())
+
+
 def speed_settings(opt, device, world):
     """(autocast dtype or None, memory format, whether a CUDA graph runs each step): every speed
     decision in one place; the defaults are measured (README)."""
     if opt.amp == "fp16" and device.type != "cuda":
         raise Fail(EXIT_USAGE, "--amp fp16 needs a CUDA GPU; use --amp bf16 or --amp off")
-    amp_dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[opt.amp]
+    amp = opt.amp
+    if amp == "auto":  # bf16 where the device computes in it natively, as measured (README)
+        amp = "bf16" if opt.ngpu == 1 and native_bf16(device) else "off"
+    amp_dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
     channels_last = opt.channels_last
     if channels_last is None:
         channels_last = device.type in ("cuda", "cpu")
@@ -1142,7 +1156,7 @@ class Run:
             kept = f"decoded each epoch by {opt.workers} workers"
         self.log(f"{opt.dataset}: {len(data)} images of {opt.nc}x{opt.imageSize}x{opt.imageSize},"
                  f" {kept}; {self.device}, {world} process(es), global batch "
-                 f"{opt.batchSize * world}, {opt.amp if self.amp_dtype else 'fp32'}, "
+                 f"{opt.batchSize * world}, {PRECISION[self.amp_dtype]}, "
                  f"{self.memory_format}, CUDA graph {self.cuda_graph}")
         self.last_save = self.tick = time.monotonic()
         self.tick_step = self.step
@@ -1310,7 +1324,8 @@ def build_parser():
 def add_own_flags(a):
     """The flags that pytorch/examples does not have."""
     a("--device", default="", help="cpu, cuda, cuda:1, mps, xpu (default: the best present)")
-    a("--amp", default="off", choices=["off", "bf16", "fp16"], help="mixed precision")
+    a("--amp", default="auto", choices=["auto", "off", "bf16", "fp16"],
+      help="mixed precision (auto: bf16 where the device has it natively, else off)")
     a("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
       help="each step as one CUDA graph, on one CUDA GPU without fp16")
     a("--channels-last", action=argparse.BooleanOptionalAction,

@@ -1200,6 +1200,16 @@ def test_dry_run_writes_the_epoch_files_and_no_checkpoint(tmp_path):
     assert rows[0].startswith("epoch,iter,step,loss_d,loss_g") and len(rows) == 2
 
 
+def test_amp_auto_is_bf16_where_the_cpu_has_it_natively(tmp_path, capsys):
+    flags = open("/proc/cpuinfo").read().split()
+    native = "amx_tile" in flags or "avx512_bf16" in flags
+    assert dcgan.native_bf16(torch.device("cpu")) == native
+    for amp, precision in (("auto", "bf16" if native else "fp32"), ("off", "fp32"), ("bf16", "bf16")):
+        argv = ["--dataset", "fake", "--dry-run", "--score-images", 0, "--outf", tmp_path / amp, *TINY]
+        assert run_main(argv + ["--amp", amp]) == 0
+        assert f"global batch 16, {precision}, " in capsys.readouterr().out
+
+
 def test_the_score_of_real_images_against_real_ones_is_far_below_an_untrained_gs():
     real = dcgan.synthetic_faces(500, 16, seed=1).float() / 127.5 - 1
     other = dcgan.synthetic_faces(500, 16, seed=2).float() / 127.5 - 1
