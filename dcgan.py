@@ -685,9 +685,10 @@ def load_generator(path):
 
 
 # What a resumed run must share with the run that wrote its checkpoint: the networks' shapes, the
-# batches and their order, the noise (whose generator differs between device types), the score
+# batches and their order, the noise (whose generator differs between device types), the
+# precision (--amp auto is bf16 on some machines only), the score
 MUST_MATCH = ("nz", "ngf", "ndf", "nc", "imageSize", "batchSize", "manualSeed", "processes",
-              "device", "data", "score_images")
+              "device", "precision", "data", "score_images")
 LOG_FIELDS = ["epoch", "iter", "step", "loss_d", "loss_g", "d_x", "d_g_z1", "d_g_z2", "img_per_s",
               "warning"]
 FORMAT = 3  # of checkpoint.pt
@@ -908,14 +909,16 @@ def patches(images, seed, per_image=128, size=7):
         cols = torch.randint(starts, (n, per_image), generator=rng).to(level.device)
         windows = level.unfold(2, size, 1).unfold(3, size, 1).permute(0, 2, 3, 1, 4, 5)
         picked = windows[torch.arange(n, device=level.device)[:, None], rows, cols].flatten(0, 1)
-        mean, std = picked.mean((0, 2, 3), keepdim=True), picked.std((0, 2, 3), keepdim=True)
+        mean = picked.mean((0, 2, 3), keepdim=True)
+        std = picked.std((0, 2, 3), keepdim=True).clamp(min=1e-6)  # (a colour G has lost)
         out.append(((picked - mean) / std).flatten(1))
     return out
 
 
 def sliced_wasserstein(real, fake, repeats=4, directions=128):
-    """The distance (x 1000, averaged over the levels) between two equal sets of patches: the mean
-    gap between their sorted projections on 4 x 128 random directions; 0 for the same sets."""
+    """The distance (x 1000, averaged over the levels) between two sets of patches of one size:
+    the mean gap between their sorted projections on 4 x 128 random directions; 0 for the same
+    sets."""
     rng, total = torch.Generator().manual_seed(0), 0.0
     for a, b in zip(real, fake):
         for _ in range(repeats):
@@ -972,7 +975,8 @@ class Run:
                                                                              ranks.world)
         self.ckpt_path = os.path.join(opt.outf, "checkpoint.pt")
         resume_path = opt.resume or self.ckpt_path
-        self.config = dict(vars(opt), processes=ranks.world, device=device.type, data=same_images)
+        self.config = dict(vars(opt), processes=ranks.world, device=device.type,
+                           precision=PRECISION[self.amp_dtype], data=same_images)
         self.ckpt = None if opt.resume is None else read_checkpoint(resume_path, self.config)
         self.last_good = resume_path if self.ckpt else None
         torch.manual_seed(opt.manualSeed)
@@ -989,6 +993,7 @@ class Run:
         self.epoch = self.epoch_it = self.step = 0
         self.d_wins_since, self.warned = None, set()
         self.scores = []  # [epoch, score] after each epoch
+        self.best_G = None  # the state dict of the best-scoring epoch's G, on the CPU
 
     def start(self, data):
         """The data, the networks on the device (DDP wraps them here), the optimizers, and a
@@ -1035,8 +1040,8 @@ class Run:
             self.netG_ema.load_state_dict(ckpt.get("netG_ema", self.netG.state_dict()))
         self.scaler.load_state_dict(ckpt["scaler"])
         self.noise_rng.set_state(ckpt["noise_rng"][self.ranks.rank])  # this rank's own noise
-        self.fixed_noise, self.history, self.scores = (ckpt[k] for k in
-                                                       ("fixed_noise", "history", "scores"))
+        self.fixed_noise, self.history = ckpt["fixed_noise"], ckpt["history"]
+        self.scores, self.best_G = ckpt["scores"], ckpt["best_G"]
         self.epoch, self.epoch_it, self.step = ckpt["epoch"], ckpt["iter"], ckpt["step"]
         self.log(f"resumed from {self.last_good} at epoch {self.epoch}, iteration {self.epoch_it} "
                  f"(step {self.step})")
@@ -1083,8 +1088,9 @@ class Run:
             total = min(total, self.step + opt.max_steps)
         first_step = self.step
         self.write_first_files()
+        signum = 0
         with StopSignal() as stop:
-            while self.step < total:
+            while self.step < total and not signum:
                 began = time.monotonic()
                 for real in epoch_batches(self.data, opt, self.ranks, self.epoch, self.epoch_it,
                                           self.device, self.memory_format):
@@ -1099,17 +1105,17 @@ class Run:
                             self.step == total:
                         self.log_progress(total)
                     signum = self.save_if_due(stop)
-                    if signum:
-                        self.log(f"stopped by signal {signum} at epoch {self.epoch}, iteration "
-                                 f"{self.epoch_it}; continue with --resume", flush=True)
-                        return 128 + signum
-                    if self.step == total:
+                    if signum or self.step == total:
                         break
-                if self.epoch_it == self.per_epoch:  # (else --max-steps or --dry-run ended it)
+                if self.epoch_it == self.per_epoch:  # (else --max-steps, --dry-run or a signal)
                     self.epoch, self.epoch_it = self.epoch + 1, 0
                     scored = self.save(epoch_done=self.epoch - 1)
                     self.log(f"epoch {self.epoch - 1} done: {time.monotonic() - began:.1f} s"
                              f"{scored}")
+            if signum:
+                self.log(f"stopped by signal {signum} at epoch {self.epoch}, iteration "
+                         f"{self.epoch_it}; continue with --resume", flush=True)
+                return 128 + signum
             return self.finish(first_step)
 
     def save_if_due(self, stop):
@@ -1151,6 +1157,7 @@ class Run:
             self.real_patches = patches(real.to(self.device).float() / 127.5 - 1, seed=0)
             write_rows(os.path.join(opt.outf, "scores.csv"), [("epoch", "score"), *self.scores],
                        "w")
+            self.write_best_G()  # (as the checkpoint has it: a resume may go back in time)
         kept = "decoded once"
         if not isinstance(data, torch.Tensor):
             kept = f"decoded each epoch by {opt.workers} workers"
@@ -1238,6 +1245,7 @@ class Run:
                            self.epoch, self.last_good)
         if epoch_done is not None and self.opt.score_images:
             scored = self.score(epoch_done)
+        ckpt["best_G"] = self.best_G
         if epoch_done is not None:
             save_grid(self.samples(self.fixed_noise),
                       os.path.join(outf, f"fake_samples_epoch_{epoch_done:03d}.png"))
@@ -1252,7 +1260,7 @@ class Run:
 
     def score(self, epoch_done):
         """The epoch's score (lower is better) in scores.csv, and its G in netG_best.pth when no
-        epoch scored lower: samples from fixed noise against the real images of the first files."""
+        epoch scored lower: samples from fixed noise against the real images drawn at the start."""
         opt = self.opt
         z = torch.randn(self.n_scored, opt.nz, 1, 1, generator=torch.Generator().manual_seed(0))
         fake = torch.cat([self.samples(part.to(self.device)) for part in z.split(opt.batchSize)])
@@ -1262,9 +1270,16 @@ class Run:
         write_rows(os.path.join(opt.outf, "scores.csv"), [self.scores[-1]])
         if score < best[1]:
             best = self.scores[-1]
-            atomic_write(os.path.join(opt.outf, "netG_best.pth"),
-                         lambda f: torch.save(self.shown_G.state_dict(), f))
+            self.best_G = {k: v.cpu().clone() for k, v in self.shown_G.state_dict().items()}
+            self.write_best_G()
         return f"; score {score:.4g}, best {best[1]:.4g} (epoch {best[0]})"
+
+    def write_best_G(self):
+        path = os.path.join(self.opt.outf, "netG_best.pth")
+        if self.best_G is None:
+            remove(path)
+        else:
+            atomic_write(path, lambda f: torch.save(self.best_G, f))
 
 
 # ---- The command line: the flags, the commands that make images without training, main

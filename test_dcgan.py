@@ -7,6 +7,7 @@ import gzip
 import hashlib
 import http.server
 import inspect
+import math
 import os
 import pickle
 import random
@@ -667,7 +668,7 @@ def test_the_cache_name_follows_the_decodes_version_and_the_files_names(monkeypa
 def test_checkpoint_holds_everything_a_run_needs_to_go_on(short_run):
     ck = torch.load(short_run / "checkpoint.pt", weights_only=True)
     assert {"format", "netG", "netD", "optG", "optD", "epoch", "iter", "step", "fixed_noise", "config",
-            "noise_rng", "history", "scores"} <= ck.keys()
+            "noise_rng", "history", "scores", "best_G"} <= ck.keys()
     assert (ck["epoch"], ck["iter"], ck["step"]) == (0, 2, 2)
     assert len(ck["noise_rng"]) == 1 and ck["noise_rng"][0].dtype == torch.uint8
     assert ck["config"]["ngf"] == 8 and ck["config"]["nc"] == 3
@@ -994,7 +995,9 @@ def test_torchrun_resume_is_exact_and_each_rank_keeps_its_noise(tmp_path):
     assert_same_training_state(ca, cb)
     # rank 0 scores, and the resumed run keeps its scores and its best G
     assert ca["scores"] == cb["scores"] and [e for e, _ in ca["scores"]] == [0, 1]
-    assert r.stdout.count("epoch 1 done:") == 1 and "best" in r.stdout
+    (best_epoch, best), last = min(ca["scores"], key=lambda row: row[1]), ca["scores"][-1][1]
+    line = [x for x in r.stdout.splitlines() if x.startswith("epoch 1 done: ")]
+    assert len(line) == 1 and line[0].endswith(f"; score {last:.4g}, best {best:.4g} (epoch {best_epoch})")
     for name in ("scores.csv", "netG_best.pth"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     # another number of processes cannot continue it exactly: refused in one line
@@ -1200,6 +1203,7 @@ def test_dry_run_writes_the_epoch_files_and_no_checkpoint(tmp_path):
     assert rows[0].startswith("epoch,iter,step,loss_d,loss_g") and len(rows) == 2
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/cpuinfo"), reason="reads the CPU's flags in Linux's way")
 def test_amp_auto_is_bf16_where_the_cpu_has_it_natively(tmp_path, capsys):
     flags = open("/proc/cpuinfo").read().split()
     native = "amx_tile" in flags or "avx512_bf16" in flags
@@ -1208,6 +1212,9 @@ def test_amp_auto_is_bf16_where_the_cpu_has_it_natively(tmp_path, capsys):
         argv = ["--dataset", "fake", "--dry-run", "--score-images", 0, "--outf", tmp_path / amp, *TINY]
         assert run_main(argv + ["--amp", amp]) == 0
         assert f"global batch 16, {precision}, " in capsys.readouterr().out
+    # auto is fp32 under nn.DataParallel (--ngpu above 1), whose threads would autocast to fp16
+    opt = dcgan.parse_args(["--dataset", "fake", "--ngpu", "2"])
+    assert dcgan.speed_settings(opt, torch.device("cpu"), 1)[0] is None
 
 
 def test_the_score_of_real_images_against_real_ones_is_far_below_an_untrained_gs():
@@ -1221,6 +1228,7 @@ def test_the_score_of_real_images_against_real_ones_is_far_below_an_untrained_gs
     untrained = dcgan.sliced_wasserstein(reals, dcgan.patches(fake, seed=1))
     assert dcgan.sliced_wasserstein(reals, reals) == 0 and 0 < floor < 0.2 * untrained, (floor, untrained)
     assert dcgan.sliced_wasserstein(reals, dcgan.patches(fake, seed=1)) == untrained  # the same G, the same score
+    assert math.isfinite(dcgan.sliced_wasserstein(reals, dcgan.patches(torch.zeros_like(real), seed=1)))
     # 128 7x7 patches of 3 colours per image at each level: 32x32's detail, then 16x16
     assert [p.shape for p in dcgan.patches(real[:4].repeat(1, 1, 2, 2), seed=0)] == [(512, 147)] * 2
 
@@ -1231,21 +1239,33 @@ def scores_csv(out):
 
 def test_netG_best_is_the_best_scoring_epochs_g(tmp_path, capsys):
     """Two epochs, then two more resumed at 100x the learning rate, which spoils G: netG_best.pth
-    stays the G of the lowest score in scores.csv, and each epoch line gives its score and the best."""
-    out, base = tmp_path / "out", ["--dataset", "fake", *TINY, "--score-images", 256, "--outf", tmp_path / "out"]
-    assert run_main(base + ["--niter", 2]) == 0
+    stays the averaged G (--ema) of the lowest score in scores.csv, and each epoch line gives its
+    score and the best. A resume from an earlier checkpoint takes the best G as that one had it."""
+    out = tmp_path / "out"
+    base = ["--dataset", "fake", *TINY, "--ema", 0.9, "--score-images", 256, "--outf", out]
+
+    def assert_best_is_kept(epochs):
+        scores = scores_csv(out)
+        assert [e for e, _ in scores] == list(range(epochs))
+        best = min(scores, key=lambda row: row[1])
+        kept = state(out / "netG_best.pth")
+        assert kept.keys() == state(out / "netG_epoch_0.pth").keys()
+        for e, _ in scores:
+            same = all(torch.equal(v, state(out / f"netG_ema_epoch_{e}.pth")[k]) for k, v in kept.items())
+            assert same == (e == best[0]), (e, scores)
+        line = [x for x in capsys.readouterr().out.splitlines() if x.startswith(f"epoch {epochs - 1} done: ")]
+        assert line and line[0].endswith(f"; score {scores[-1][1]:.4g}, best {best[1]:.4g} (epoch {best[0]})")
+        return best[0]
+
+    assert run_main(base + ["--niter", 1]) == 0
+    shutil.copy(out / "checkpoint.pt", out / "after_epoch_0.pt")
+    assert run_main(base + ["--niter", 2, "--resume"]) == 0
+    assert assert_best_is_kept(2) == 1  # (else the rest could not tell the best G from another)
     assert run_main(base + ["--niter", 4, "--lr", 0.02, "--resume"]) == 0
-    scores = scores_csv(out)
-    assert [e for e, _ in scores] == [0, 1, 2, 3]
-    best = min(scores, key=lambda row: row[1])
-    assert best[0] in (0, 1), scores  # (else this run could not tell the best G from the last)
-    kept = state(out / "netG_best.pth")
-    assert kept.keys() == state(out / "netG_epoch_0.pth").keys()
-    for e, _ in scores:
-        same = all(torch.equal(v, state(out / f"netG_epoch_{e}.pth")[k]) for k, v in kept.items())
-        assert same == (e == best[0]), e
-    line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("epoch 3 done: ")]
-    assert line and line[0].endswith(f"; score {scores[3][1]:.4g}, best {best[1]:.4g} (epoch {best[0]})")
+    assert assert_best_is_kept(4) == 1
+    # back to epoch 0's checkpoint, and epoch 1 again, spoilt: the best is epoch 0's G once more
+    assert run_main(base + ["--niter", 2, "--lr", 0.02, "--resume", out / "after_epoch_0.pt"]) == 0
+    assert assert_best_is_kept(2) == 0
     # a data set smaller than --score-images uses what it has; 0 turns the score off
     d = make_images(tmp_path / "imgs", 40, size=(20, 20))
     for n, scored in ((1000, True), (0, False)):
@@ -1372,6 +1392,26 @@ def test_a_signal_to_the_whole_process_group_saves_and_exits(tmp_path, signum, i
     assert p.returncode == 128 + signum, err
     assert f"stopped by signal {signum}" in rest and "Traceback" not in err and "again" not in err, err
     assert state(out / "checkpoint.pt")["step"] >= 3
+
+
+def test_a_signal_on_the_runs_last_iteration_still_finishes_its_last_epoch(tmp_path, monkeypatch, capsys):
+    """SIGTERM lands as the last iteration of the last epoch is logged: the epoch's weights, grid
+    and score are written before the run stops, so that nothing is missing when a resume finds
+    the run finished."""
+    log_progress = dcgan.Run.log_progress
+
+    def log_then_signal(run, total):
+        log_progress(run, total)
+        if run.step == total:
+            signal.raise_signal(signal.SIGTERM)
+
+    monkeypatch.setattr(dcgan.Run, "log_progress", log_then_signal)
+    out = tmp_path / "out"
+    argv = ["--dataset", "fake", *TINY, "--niter", 2, "--score-images", 64, "--outf", out]
+    assert run_main(argv) == 128 + signal.SIGTERM
+    assert (out / "netG_epoch_1.pth").exists() and [e for e, _ in scores_csv(out)] == [0, 1]
+    assert "stopped by signal 15 at epoch 2, iteration 0" in capsys.readouterr().out
+    assert run_main(argv + ["--resume"]) == 0 and "is finished (2 epochs" in capsys.readouterr().out
 
 
 def test_a_second_signal_ends_the_process_at_once():

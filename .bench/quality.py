@@ -24,7 +24,7 @@ beside the score in the run's scores.csv, their rank correlation, and the benchm
 netG_best.pth against the last epoch's G and the run's best epoch:
 
   python .bench/quality.py --work /tmp/q32 --imageSize 32 --train-images 8192 --niter 10 \\
-      --seeds 5 --per-epoch --variant default: --variant bf16:--amp,bf16
+      --seeds 5 --per-epoch --variant fp32:--amp,off --variant bf16:--amp,bf16
 """
 import argparse
 import csv
