@@ -611,7 +611,8 @@ def write_png_folder(folder, batches):
         for i, img in enumerate(img for batch in batches for img in batch):  # (C, S, S)
             pixels = img.permute(1, 2, 0).squeeze(-1).numpy()  # (S, S, C), or (S, S) if grey
             Image.fromarray(pixels).save(os.path.join(tmp, f"{i:06d}.png"))
-            grid += [img] if i < 64 else []
+            if i < 64:
+                grid.append(img)
         if hasattr(os, "sync"):
             os.sync()  # every PNG on disk with one call, rather than one fsync a file
     return torch.stack(grid).float() / 127.5 - 1
