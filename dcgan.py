@@ -458,15 +458,10 @@ def mapped(path, shape):
 def decode_all(dataset, workers, log, out):
     """The data set's images into out (N, C, S, S). Unreadable files are named, and more than 1% of
     them stop the run."""
-    loader = torch.utils.data.DataLoader(dataset, batch_size=256, num_workers=workers,
-                                         collate_fn=readable_batch)
     unreadable, done, last_log = [], 0, time.monotonic()
-    for images, bad in loader:
-        if images is None:
-            raise Fail(EXIT_DATA, f"100 files in a row from {bad[0]} on cannot be read; remove or "
-                                  "replace them")
+    for images in uint8_batches(dataset, range(len(dataset)), 256, workers, unreadable=unreadable):
         out[done:done + len(images)] = images
-        unreadable, done = unreadable + bad, done + len(images)
+        done += len(images)
         if time.monotonic() - last_log > 5 or done == len(dataset):
             log(f"decoding the data set once: {done}/{len(dataset)} images")
             last_log = time.monotonic()
@@ -496,9 +491,10 @@ def ignore_signals(worker_id):
         signal.signal(signum, signal.SIG_IGN)
 
 
-def uint8_batches(data, order, batch_size, workers=0, pin_memory=False):
-    """data[order] in batches: slices of a decoded tensor, or decoded by `workers` processes, where
-    a file that cannot be read stops the run."""
+def uint8_batches(data, order, batch_size, workers=0, pin_memory=False, unreadable=None):
+    """data[order] in batches: slices of a decoded tensor, or decoded by `workers` processes. A file
+    that cannot be read is replaced by the next readable one and named, in the list `unreadable`
+    if given, else in a warning; 100 in a row stop the run."""
     if isinstance(data, torch.Tensor):
         order = torch.tensor(order, device=data.device)  # one copy an epoch, not one a step
         yield from (data[order[i:i + batch_size]] for i in range(0, len(order), batch_size))
@@ -506,12 +502,15 @@ def uint8_batches(data, order, batch_size, workers=0, pin_memory=False):
     loader = torch.utils.data.DataLoader(data, batch_size, sampler=order, num_workers=workers,
                                          collate_fn=readable_batch, pin_memory=pin_memory,
                                          worker_init_fn=ignore_signals)
-    for images, unreadable in loader:
+    for images, bad in loader:
         if images is None:
-            raise Fail(EXIT_DATA, f"100 files in a row from {unreadable[0]} on cannot be read; "
-                                  "remove or replace them")
-        for path in unreadable:
-            warn(f"{path} cannot be read: the next readable image takes its place")
+            raise Fail(EXIT_DATA, f"100 files in a row from {bad[0]} on cannot be read; remove or "
+                                  "replace them")
+        if unreadable is None:
+            for path in bad:
+                warn(f"{path} cannot be read: the next readable image takes its place")
+        else:
+            unreadable += bad
         yield images
 
 
@@ -884,6 +883,35 @@ def wrap(net, opt, device, world):
     return net
 
 
+class CudaGraphed:
+    """fn(real, z) as one CUDA graph, captured after three warm-up calls on a side stream, then
+    replayed: at batch 128 a step is hundreds of small kernels, and launching them from Python
+    costs more than running them."""
+
+    def __init__(self, fn, device):
+        self.fn, self.device, self.graph, self.warmups = fn, device, None, 0
+        self.side_stream = torch.cuda.Stream(device)
+
+    def __call__(self, real, z):
+        if self.graph is not None:  # replay the captured call on new inputs
+            self.static_real.copy_(real)
+            self.static_z.copy_(z)
+            self.graph.replay()
+        elif self.warmups < 3:
+            self.side_stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self.side_stream):
+                self.fn(real, z)
+            torch.cuda.current_stream(self.device).wait_stream(self.side_stream)
+            self.warmups += 1
+        else:  # capture once; capturing records the call without running it: replay it now
+            self.static_real, self.static_z = real.clone(), z.clone()
+            self.graph = torch.cuda.CUDAGraph()
+            # thread_local: the DataLoader's pin-memory thread may use CUDA while this one captures
+            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+                self.fn(self.static_real, self.static_z)
+            self.graph.replay()
+
+
 # ---- Which G to keep: a DCGAN's losses do not say how good its samples are, and the samples
 # often get worse late in a run. After every epoch G's samples are scored against real images by
 # the sliced Wasserstein distance between their patches (Karras et al. 2018, section 5; README has
@@ -927,6 +955,15 @@ def sliced_wasserstein(real, fake, repeats=4, directions=128):
             d = d.to(a.device)
             total += ((d @ a.T).sort().values - (d @ b.T).sort().values).abs().mean().item()
     return 1e3 * total / (repeats * len(real))
+
+
+def write_best_G(outf, best_G):
+    """netG_best.pth: best_G, a state dict, or no file when there is none (yet)."""
+    path = os.path.join(outf, "netG_best.pth")
+    if best_G is None:
+        remove(path)
+    else:
+        atomic_write(path, lambda f: torch.save(best_G, f))
 
 
 # ---- The run: set up, resume, then the loop (a step, maybe a log line, a save, a stop)
@@ -1028,9 +1065,6 @@ class Run:
         self.fixed_noise = self.fixed_noise.to(device)
         self.sums = torch.zeros(5, device=device)  # train_step's values since the last log line
         self.step_t = torch.tensor(self.step, device=device)  # for the average's warm-up
-        self.graph, self.warmup = None, 0
-        if self.cuda_graph:
-            self.side_stream = torch.cuda.Stream(device)  # for the warm-up before the capture
 
     def resume(self, ckpt):
         """The networks, optimizers, averaged G, scaler, noise and position of the checkpoint."""
@@ -1055,28 +1089,6 @@ class Run:
             update_average(*self.ema_pairs, self.step_t, self.opt.ema)
         self.step_t += 1
 
-    def train_one_in_graph(self, real, z):
-        """train_one as a CUDA graph, captured after three warm-up iterations on a side stream,
-        then replayed: at batch 128 a step is hundreds of small kernels, and launching them from
-        Python costs more than running them."""
-        if self.graph is not None:  # replay the captured iteration on new inputs
-            self.static_real.copy_(real)
-            self.static_z.copy_(z)
-            self.graph.replay()
-        elif self.warmup < 3:
-            self.side_stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(self.side_stream):
-                self.train_one(real, z)
-            torch.cuda.current_stream(self.device).wait_stream(self.side_stream)
-            self.warmup += 1
-        else:  # capture once; capturing records the iteration without running it: replay it now
-            self.static_real, self.static_z = real.clone(), z.clone()
-            self.graph = torch.cuda.CUDAGraph()
-            # thread_local: the DataLoader's pin-memory thread may use CUDA while this one captures
-            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
-                self.train_one(self.static_real, self.static_z)
-            self.graph.replay()
-
     def loop(self):
         """Steps until --niter epochs, --max-steps or a signal; returns the exit code."""
         opt = self.opt
@@ -1089,6 +1101,9 @@ class Run:
             total = min(total, self.step + opt.max_steps)
         first_step = self.step
         self.write_first_files()
+        iterate = self.train_one  # (a local: on self, a cycle would keep DDP past the group)
+        if self.cuda_graph:
+            iterate = CudaGraphed(self.train_one, self.device)
         signum = 0
         with StopSignal() as stop:
             while self.step < total and not signum:
@@ -1097,14 +1112,9 @@ class Run:
                                           self.device, self.memory_format):
                     z = torch.randn(real.shape[0], opt.nz, 1, 1, device=self.device,
                                     generator=self.noise_rng)
-                    if self.cuda_graph:
-                        self.train_one_in_graph(real, z)
-                    else:
-                        self.train_one(real, z)
+                    iterate(real, z)
                     self.step, self.epoch_it = self.step + 1, self.epoch_it + 1
-                    if self.epoch_it % opt.log_every == 0 or self.epoch_it == self.per_epoch or \
-                            self.step == total:
-                        self.log_progress(total)
+                    self.log_progress(total)
                     signum = self.save_if_due(stop)
                     if signum or self.step == total:
                         break
@@ -1113,11 +1123,7 @@ class Run:
                     scored = self.save(epoch_done=self.epoch - 1)
                     self.log(f"epoch {self.epoch - 1} done: {time.monotonic() - began:.1f} s"
                              f"{scored}")
-            if signum:
-                self.log(f"stopped by signal {signum} at epoch {self.epoch}, iteration "
-                         f"{self.epoch_it}; continue with --resume", flush=True)
-                return 128 + signum
-            return self.finish(first_step)
+            return self.finish(first_step, signum)
 
     def save_if_due(self, stop):
         """Saves on a signal, --save-every or --save-minutes, as every rank decides alike; returns
@@ -1129,8 +1135,12 @@ class Run:
             self.save()
         return signum
 
-    def finish(self, first_step):
-        """The last save and line of a run that no signal stopped; returns the exit code, 0."""
+    def finish(self, first_step, signum):
+        """The run's last save and line; returns the exit code."""
+        if signum:  # (saved when the loop saw it)
+            self.log(f"stopped by signal {signum} at epoch {self.epoch}, iteration "
+                     f"{self.epoch_it}; continue with --resume", flush=True)
+            return 128 + signum
         if self.epoch_it and self.opt.dry_run:  # epoch 0's files, and no checkpoint
             self.save(epoch_done=0)
         elif self.epoch_it:
@@ -1158,7 +1168,7 @@ class Run:
             self.real_patches = patches(real.to(self.device).float() / 127.5 - 1, seed=0)
             write_rows(os.path.join(opt.outf, "scores.csv"), [("epoch", "score"), *self.scores],
                        "w")
-            self.write_best_G()  # (as the checkpoint has it: a resume may go back in time)
+            write_best_G(opt.outf, self.best_G)  # (as the checkpoint has it: a resume may go back)
         kept = "decoded once"
         if not isinstance(data, torch.Tensor):
             kept = f"decoded each epoch by {opt.workers} workers"
@@ -1170,9 +1180,11 @@ class Run:
         self.tick_step = self.step
 
     def log_progress(self, total):
-        """The log line (means since the last one: the one host sync), losses.csv, and the stop on
-        inf or NaN."""
+        """Every --log-every iterations and at the end of an epoch or run: the log line (means
+        since the last one: the one host sync), losses.csv, and the stop on inf or NaN."""
         opt, images_per_step = self.opt, self.opt.batchSize * self.ranks.world
+        if self.epoch_it % opt.log_every and self.epoch_it != self.per_epoch and self.step != total:
+            return
         values = (self.sums / (self.step - self.tick_step)).tolist()
         self.sums.zero_()
         if self.ranks.max_over_ranks([int(not all(map(math.isfinite, values)))])[0]:
@@ -1272,15 +1284,8 @@ class Run:
         if score < best[1]:
             best = self.scores[-1]
             self.best_G = {k: v.cpu().clone() for k, v in self.shown_G.state_dict().items()}
-            self.write_best_G()
+            write_best_G(opt.outf, self.best_G)
         return f"; score {score:.4g}, best {best[1]:.4g} (epoch {best[0]})"
-
-    def write_best_G(self):
-        path = os.path.join(self.opt.outf, "netG_best.pth")
-        if self.best_G is None:
-            remove(path)
-        else:
-            atomic_write(path, lambda f: torch.save(self.best_G, f))
 
 
 # ---- The command line: the flags, the commands that make images without training, main
