@@ -485,13 +485,14 @@ def readable_batch(items):
 
 
 def ignore_signals(worker_id):
-    """In a data worker: Ctrl-C and SIGTERM reach the whole process group, and are the main
-    process's to act on (it saves, then ends the workers)."""
+    """In a training run's data worker: Ctrl-C and SIGTERM reach the whole process group, and are
+    the main process's to act on (it saves, then ends the workers). Other workers end on them."""
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, signal.SIG_IGN)
 
 
-def uint8_batches(data, order, batch_size, workers=0, pin_memory=False, unreadable=None):
+def uint8_batches(data, order, batch_size, workers=0, pin_memory=False, unreadable=None,
+                  worker_init_fn=None):
     """data[order] in batches: slices of a decoded tensor, or decoded by `workers` processes. A file
     that cannot be read is replaced by the next readable one and named, in the list `unreadable`
     if given, else in a warning; 100 in a row stop the run."""
@@ -501,7 +502,7 @@ def uint8_batches(data, order, batch_size, workers=0, pin_memory=False, unreadab
         return
     loader = torch.utils.data.DataLoader(data, batch_size, sampler=order, num_workers=workers,
                                          collate_fn=readable_batch, pin_memory=pin_memory,
-                                         worker_init_fn=ignore_signals)
+                                         worker_init_fn=worker_init_fn)
     for images, bad in loader:
         if images is None:
             raise Fail(EXIT_DATA, f"100 files in a row from {bad[0]} on cannot be read; remove or "
@@ -521,7 +522,8 @@ def epoch_batches(data, opt, ranks, epoch, start, device, memory_format):
                                                   seed=opt.manualSeed, drop_last=True)
     sampler.set_epoch(epoch)
     order = list(sampler)[start * opt.batchSize:len(sampler) // opt.batchSize * opt.batchSize]
-    for batch in uint8_batches(data, order, opt.batchSize, opt.workers, device.type == "cuda"):
+    for batch in uint8_batches(data, order, opt.batchSize, opt.workers, device.type == "cuda",
+                               worker_init_fn=ignore_signals):
         batch = batch.to(device, non_blocking=True).float()
         # [0, 255] -> [-1, 1], the range of G's Tanh (section 3)
         yield batch.div_(127.5).sub_(1).contiguous(memory_format=memory_format)
@@ -1453,25 +1455,24 @@ def main(argv=None):
     try:
         opt = parse_args(argv)  # (every rank sees the same mistake in the flags)
         ranks = Ranks(int(os.environ.get("WORLD_SIZE", 1)))
-        try:
-            device = ranks.agree(pick_device, opt, ranks.local_rank, ranks.world)
-            if not (opt.generate or opt.interpolate or opt.export_real):
-                return train(opt, device, ranks)
-            if ranks.is_main and opt.export_real:  # one process does these
-                export_real(opt)
-            elif ranks.is_main:
-                make_images(opt, device)
-            return 0
-        finally:
-            if dist.is_initialized():
-                dist.destroy_process_group()
+        device = ranks.agree(pick_device, opt, ranks.local_rank, ranks.world)
+        code = 0
+        if not (opt.generate or opt.interpolate or opt.export_real):
+            code = train(opt, device, ranks)
+        elif ranks.is_main and opt.export_real:  # one process does these
+            export_real(opt)
+        elif ranks.is_main:
+            make_images(opt, device)
     except Fail as e:
         if not e.quiet:
             print(f"dcgan.py: error: {e}", file=sys.stderr)
-        return e.code
+        code = e.code
     except KeyboardInterrupt:
         print("dcgan.py: interrupted", file=sys.stderr)
-        return 130
+        code = 130
+    if dist.is_initialized():  # after the error's traceback, which holds DDP, has gone
+        dist.destroy_process_group()
+    return code
 
 
 if __name__ == "__main__":
