@@ -278,19 +278,16 @@ class Images(torch.utils.data.Dataset):
         return None, self.paths[i]
 
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm",
-                    ".pgm")
-
-
 def list_images(root):
-    """Every image file under root, sorted, without hidden folders; links followed, not cycles."""
+    """Every image file under root (the extensions that torchvision's ImageFolder reads), sorted,
+    without hidden folders; links followed, not cycles."""
     paths, seen = [], set()
     for folder, dirs, files in os.walk(root, followlinks=True):
         seen.add(os.path.realpath(folder))
         dirs[:] = [d for d in sorted(dirs)
                    if d[0] != "." and os.path.realpath(os.path.join(folder, d)) not in seen]
         paths += [os.path.join(folder, f) for f in sorted(files)
-                  if f.lower().endswith(IMAGE_EXTENSIONS)]
+                  if f.lower().endswith(torchvision.datasets.folder.IMG_EXTENSIONS)]
     return paths
 
 

@@ -414,15 +414,17 @@ def test_odd_images_decode_and_bad_ones_are_skipped(tmp_path, capsys):
     make_images(d, 200, size=(30, 20))
     Image.new("L", (25, 25), 128).save(d / "gray.png")
     Image.new("RGBA", (25, 25), (1, 2, 3, 4)).save(d / "rgba.png")
-    Image.new("P", (25, 25)).save(d / "palette.gif")
+    Image.new("P", (25, 25)).save(d / "palette.png")
     Image.new("CMYK", (25, 25), (0, 50, 100, 0)).save(d / "cmyk.jpg")
     Image.new("I;16", (9, 9), 1000).save(d / "deep.png")
     Image.new("RGB", (3, 900), (9, 9, 9)).save(d / "thin.png")
     (d / "broken.jpg").write_bytes(b"not an image at all")
+    (d / "notes.txt").write_text("not an image file: not listed")
     good = (d / "000000.jpg").read_bytes()
     (d / "truncated.jpg").write_bytes(good[:len(good) // 3])
     opt = dcgan.parse_args(["--dataset", "folder", "--dataroot", str(d), "--imageSize", "16", "--cache-dir", ""])
     data = dcgan.open_dataset(opt)
+    assert not [p for p in data.paths if p.endswith(".txt")]
     decoded = decode(data)
     err = capsys.readouterr().err
     assert "broken.jpg" in err and "replaced by the next readable one" in err
