@@ -195,10 +195,11 @@ EXIT_USAGE, EXIT_DATA, EXIT_FILE, EXIT_DEVICE, EXIT_OUTPUT, EXIT_DIVERGED = 2, 3
 
 
 class Fail(Exception):
-    def __init__(self, code, message):
+    def __init__(self, code, message, every_rank=True):
         super().__init__(message)
         self.code = code
-        self.quiet = os.environ.get("RANK", "0") != "0"  # under torchrun rank 0 alone prints
+        # under torchrun rank 0 alone prints what every rank finds; a rank alone, its own
+        self.quiet = every_rank and os.environ.get("RANK", "0") != "0"
 
 
 def warn(message):
@@ -344,13 +345,19 @@ def data_keys(opt, dataset):
     same_images = f"{opt.dataset}-{opt.imageSize}px-{len(dataset)}"
     if isinstance(dataset, torch.Tensor):
         return same_images, None
-    names = hashlib.sha1(opt.classes.encode() if opt.dataset == "lsun" else b"")
+    classes = opt.classes if opt.dataset == "lsun" else ""
+    names = hashlib.sha1(classes.encode())
     times = hashlib.sha1(f"{DECODE_VERSION} {names.hexdigest()}".encode())
     for path in getattr(dataset, "paths", ()):
-        stat = os.stat(path)
-        names.update(f"{os.path.relpath(path, dataset.root)} {stat.st_size}\n".encode())
-        times.update(f"{os.path.relpath(path, dataset.root)} {stat.st_mtime_ns}\n".encode())
-    folder = hashlib.sha1(os.path.realpath(opt.dataroot).encode()).hexdigest()[:8]
+        try:
+            stat = os.stat(path)
+        except OSError:  # a dangling link: an unreadable file, whose place the next one takes
+            stat = os.lstat(path)
+        name = os.path.relpath(path, dataset.root)
+        names.update(os.fsencode(f"{name} {stat.st_size}\n"))  # (names need not be UTF-8)
+        times.update(os.fsencode(f"{name} {stat.st_mtime_ns}\n"))
+    where = os.fsencode(os.path.realpath(opt.dataroot) + classes)  # (LSUN: one cache a class set)
+    folder = hashlib.sha1(where).hexdigest()[:8]
     same_images += f"-{names.hexdigest()[:12]}"
     return same_images, f"{opt.dataset}-{opt.imageSize}px-{folder}-{times.hexdigest()[:12]}"
 
@@ -472,13 +479,13 @@ def decode_all(dataset, workers, log, out):
 
 
 def readable_batch(items):
-    """(the images stacked, or None if one is missing; the paths of the files that could not be
-    read) from Images' pairs; of a torchvision set's (image, label), the image."""
+    """Images' pairs as (the images stacked, the paths of the files whose place another took), or
+    as (None, the paths of the missing images) if one is missing; of a torchvision set's (image,
+    label), the image."""
     images = [img for img, _ in items]
-    unreadable = [x for _, x in items if isinstance(x, str)]
     if any(img is None for img in images):
-        return None, unreadable
-    return torch.stack(images), unreadable
+        return None, [x for img, x in items if img is None]
+    return torch.stack(images), [x for _, x in items if isinstance(x, str)]
 
 
 def ignore_signals(worker_id):
@@ -503,7 +510,7 @@ def uint8_batches(data, order, batch_size, workers=0, pin_memory=False, unreadab
     for images, bad in loader:
         if images is None:
             raise Fail(EXIT_DATA, f"100 files in a row from {bad[0]} on cannot be read; remove or "
-                                  "replace them")
+                                  "replace them", every_rank=False)
         if unreadable is None:
             for path in bad:
                 warn(f"{path} cannot be read: the next readable image takes its place")
@@ -605,6 +612,7 @@ def write_png_folder(folder, batches):
         raise Fail(EXIT_OUTPUT, f"{folder} already holds files; choose another --outf")
     grid = []
     with disk_errors(folder, "free disk space or choose another --outf"), replacing(folder) as tmp:
+        remove(tmp)  # (left by a killed run)
         os.makedirs(tmp)
         for i, img in enumerate(img for batch in batches for img in batch):  # (C, S, S)
             pixels = img.permute(1, 2, 0).squeeze(-1).numpy()  # (S, S, C), or (S, S) if grey
@@ -695,7 +703,8 @@ FORMAT = 3  # of checkpoint.pt
 
 def read_checkpoint(path, config):
     ckpt = load_file(path, "--resume checkpoint")
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT or \
+            not set(MUST_MATCH) <= set(ckpt["config"]):  # (an earlier version's format 3)
         raise Fail(EXIT_FILE, f"--resume {path} is not a checkpoint of this dcgan.py (format "
                               f"{FORMAT}; earlier ones cannot be resumed); start a new --outf")
     saved = ckpt["config"]
@@ -956,6 +965,15 @@ def sliced_wasserstein(real, fake, repeats=4, directions=128):
     return 1e3 * total / (repeats * len(real))
 
 
+def start_scores(outf, data, indices, scores, best_G, device):
+    """The patches of the score's real images data[indices]; scores.csv and netG_best.pth as the
+    checkpoint has them (a resume may go back to an earlier one)."""
+    real = torch.cat(list(uint8_batches(data, indices, 256)))
+    write_rows(os.path.join(outf, "scores.csv"), [("epoch", "score"), *scores], "w")
+    write_best_G(outf, best_G)
+    return patches(real.to(device).float() / 127.5 - 1, seed=0)
+
+
 def write_best_G(outf, best_G):
     """netG_best.pth: best_G, a state dict, or no file when there is none (yet)."""
     path = os.path.join(outf, "netG_best.pth")
@@ -968,7 +986,7 @@ def write_best_G(outf, best_G):
 # ---- The run: set up, resume, then the loop (a step, maybe a log line, a save, a stop)
 def check_outf(opt, is_main):
     """--outf may hold no other run than the one resumed (from a checkpoint there, or a copy of
-    one); said before the data loads."""
+    one), nor the best G of a run whose checkpoint has gone; said before the data loads."""
     ckpt_path = os.path.join(opt.outf, "checkpoint.pt")
     resume_folder = os.path.dirname(opt.resume or ckpt_path)
     resumed_here = opt.resume is not None and \
@@ -977,6 +995,9 @@ def check_outf(opt, is_main):
         todo = "a --dry-run would overwrite its files" if opt.dry_run else "--resume continues it"
         raise Fail(EXIT_OUTPUT, f"--outf {opt.outf} already holds a run; {todo}, or choose "
                                 "another --outf")
+    if is_main and not resumed_here and os.path.exists(os.path.join(opt.outf, "netG_best.pth")):
+        raise Fail(EXIT_OUTPUT, f"--outf {opt.outf} holds an earlier run's netG_best.pth; move it "
+                                "or choose another --outf")
     if is_main:
         prepare_outf(opt.outf)
 
@@ -1027,7 +1048,9 @@ class Run:
         # each rank draws its own noise
         self.noise_rng = torch.Generator(device).manual_seed(opt.manualSeed + ranks.rank)
         self.history = {k: [] for k in LOG_FIELDS}
-        self.epoch = self.epoch_it = self.step = 0
+        self.epoch = self.epoch_it = self.step = self.window_start = 0
+        # train_step's values since step window_start (the last log line), for the next line
+        self.sums = torch.zeros(5, device=device)
         self.d_wins_since, self.warned = None, set()
         self.scores = []  # [epoch, score] after each epoch
         self.best_G = None  # the state dict of the best-scoring epoch's G, on the CPU
@@ -1062,7 +1085,6 @@ class Run:
             self.ema_pairs = [[x for x in net.state_dict().values() if x.is_floating_point()]
                               for net in (self.netG_ema, self.netG)]
         self.fixed_noise = self.fixed_noise.to(device)
-        self.sums = torch.zeros(5, device=device)  # train_step's values since the last log line
         self.step_t = torch.tensor(self.step, device=device)  # for the average's warm-up
 
     def resume(self, ckpt):
@@ -1077,6 +1099,8 @@ class Run:
         self.fixed_noise, self.history = ckpt["fixed_noise"], ckpt["history"]
         self.scores, self.best_G = ckpt["scores"], ckpt["best_G"]
         self.epoch, self.epoch_it, self.step = ckpt["epoch"], ckpt["iter"], ckpt["step"]
+        self.window_start, sums = ckpt.get("log_window", [self.step, torch.zeros(5)])
+        self.sums = sums.to(self.device)
         self.log(f"resumed from {self.last_good} at epoch {self.epoch}, iteration {self.epoch_it} "
                  f"(step {self.step})")
 
@@ -1125,12 +1149,14 @@ class Run:
             return self.finish(first_step, signum)
 
     def save_if_due(self, stop):
-        """Saves on a signal, --save-every or --save-minutes, as every rank decides alike; returns
-        the signal's number, or 0."""
+        """Saves on a signal, --save-every or --save-minutes, as every rank decides alike, unless
+        the epoch's own save follows (a checkpoint between the two would skip the epoch's files);
+        returns the signal's number, or 0."""
         opt = self.opt
         late = opt.save_minutes > 0 and time.monotonic() - self.last_save > 60 * opt.save_minutes
         signum, late = self.ranks.max_over_ranks([stop.signum, int(late)])
-        if signum or late or (opt.save_every and self.step % opt.save_every == 0):
+        due = signum or late or (opt.save_every and self.step % opt.save_every == 0)
+        if due and self.epoch_it != self.per_epoch:
             self.save()
         return signum
 
@@ -1155,19 +1181,18 @@ class Run:
         it), its description, and the clocks."""
         opt, data, world = self.opt, self.data, self.ranks.world
         some = torch.randperm(len(data), generator=torch.Generator().manual_seed(opt.manualSeed))
-        real = next(uint8_batches(data, some[:64].tolist(), 64)).float() / 127.5 - 1
+        # (next() in agreement: every rank reads these, and may fail on them alike)
+        real = self.ranks.agree(next, uint8_batches(data, some[:64].tolist(), 64))
+        real = real.float() / 127.5 - 1
         self.real_spread = real.std(0).mean().item()  # for the collapse warning
         if self.last_good is None:
             self.ranks.on_main(save_grid, real, os.path.join(opt.outf, "real_samples.png"))
         rows = [LOG_FIELDS, *zip(*(self.history[k] for k in LOG_FIELDS))]
         self.ranks.on_main(write_rows, os.path.join(opt.outf, "losses.csv"), rows, "w")
-        if opt.score_images and self.ranks.is_main:  # the score's real images, the same each run
-            real = torch.cat(list(uint8_batches(data, some[:opt.score_images].tolist(), 256)))
-            self.n_scored = len(real)
-            self.real_patches = patches(real.to(self.device).float() / 127.5 - 1, seed=0)
-            write_rows(os.path.join(opt.outf, "scores.csv"), [("epoch", "score"), *self.scores],
-                       "w")
-            write_best_G(opt.outf, self.best_G)  # (as the checkpoint has it: a resume may go back)
+        if opt.score_images:  # the score's real images, the same each run; rank 0 scores
+            self.real_patches = self.ranks.on_main(start_scores, opt.outf, data,
+                                                   some[:opt.score_images].tolist(), self.scores,
+                                                   self.best_G, self.device)
         kept = "decoded once"
         if not isinstance(data, torch.Tensor):
             kept = f"decoded each epoch by {opt.workers} workers"
@@ -1184,15 +1209,15 @@ class Run:
         opt, images_per_step = self.opt, self.opt.batchSize * self.ranks.world
         if self.epoch_it % opt.log_every and self.epoch_it != self.per_epoch and self.step != total:
             return
-        values = (self.sums / (self.step - self.tick_step)).tolist()
+        values = (self.sums / (self.step - self.window_start)).tolist()
         self.sums.zero_()
         if self.ranks.max_over_ranks([int(not all(map(math.isfinite, values)))])[0]:
-            raise diverged(f"a non-finite loss or D output in iterations {self.tick_step + 1} to "
-                           f"{self.step}", self.epoch, self.last_good)
+            raise diverged(f"a non-finite loss or D output in iterations {self.window_start + 1} "
+                           f"to {self.step}", self.epoch, self.last_good)
         loss_d, loss_g, d_x, d_g_z1, d_g_z2 = values
         seconds = max(time.monotonic() - self.tick, 1e-9)
         rate = (self.step - self.tick_step) * images_per_step / seconds
-        self.tick, self.tick_step = time.monotonic(), self.step
+        self.tick, self.tick_step, self.window_start = time.monotonic(), self.step, self.step
         epoch_left, run_left = (datetime.timedelta(seconds=round(n * images_per_step / rate))
                                 for n in (self.per_epoch - self.epoch_it, total - self.step))
         self.log(f"[{self.epoch}/{opt.niter}][{self.epoch_it}/{self.per_epoch}] "
@@ -1240,7 +1265,8 @@ class Run:
                 "optG": self.optG.state_dict(), "optD": self.optD.state_dict(),
                 "scaler": self.scaler.state_dict(), "epoch": self.epoch, "iter": self.epoch_it,
                 "step": self.step, "fixed_noise": self.fixed_noise.cpu(), "config": self.config,
-                "noise_rng": noise_rngs, "history": self.history, "scores": self.scores}
+                "noise_rng": noise_rngs, "history": self.history, "scores": self.scores,
+                "log_window": [self.window_start, self.sums.cpu()]}
         if self.netG_ema is not None:
             ckpt["netG_ema"] = self.netG_ema.state_dict()
         scored = self.ranks.on_main(self.write_files, ckpt, epoch_done)
@@ -1251,9 +1277,9 @@ class Run:
     def write_files(self, ckpt, epoch_done):
         """An epoch's sample grid, weights, loss plot and score, then the checkpoint; nothing if
         the state is not finite. Returns the epoch line's words on the score."""
-        outf, scored = self.opt.outf, ""
+        outf, scored, best_G = self.opt.outf, "", self.best_G
         if not all_finite(ckpt):
-            raise diverged(f"non-finite weights or optimizer state at step {self.step}",
+            raise diverged(f"non-finite weights, optimizer state or losses at step {self.step}",
                            self.epoch, self.last_good)
         if epoch_done is not None and self.opt.score_images:
             scored = self.score(epoch_done)
@@ -1268,13 +1294,16 @@ class Run:
             plot_losses(self.history, os.path.join(outf, "losses.png"))
         if not self.opt.dry_run:
             atomic_write(self.ckpt_path, lambda f: torch.save(ckpt, f))
+            if self.best_G is not best_G:  # a better G: after the checkpoint, which holds it too
+                write_best_G(outf, self.best_G)
         return scored
 
     def score(self, epoch_done):
-        """The epoch's score (lower is better) in scores.csv, and its G in netG_best.pth when no
-        epoch scored lower: samples from fixed noise against the real images drawn at the start."""
+        """The epoch's score (lower is better) in scores.csv, and its G as best_G when no epoch
+        scored lower: samples from fixed noise against the real images drawn at the start."""
         opt = self.opt
-        z = torch.randn(self.n_scored, opt.nz, 1, 1, generator=torch.Generator().manual_seed(0))
+        n = min(opt.score_images, len(self.data))
+        z = torch.randn(n, opt.nz, 1, 1, generator=torch.Generator().manual_seed(0))
         fake = torch.cat([self.samples(part.to(self.device)) for part in z.split(opt.batchSize)])
         score = sliced_wasserstein(self.real_patches, patches(fake, seed=1))
         best = min(self.scores, key=lambda row: row[1], default=[None, math.inf])
@@ -1283,7 +1312,6 @@ class Run:
         if score < best[1]:
             best = self.scores[-1]
             self.best_G = {k: v.cpu().clone() for k, v in self.shown_G.state_dict().items()}
-            write_best_G(opt.outf, self.best_G)
         return f"; score {score:.4g}, best {best[1]:.4g} (epoch {best[0]})"
 
 
@@ -1368,11 +1396,11 @@ def add_own_flags(a):
       help="stop (and save) after N iterations in this run (0: no limit)")
     a("--resume", nargs="?", const="", metavar="PATH",
       help="continue from a checkpoint (default: OUTF/checkpoint.pt)")
-    a("--generate", type=count, default=0, metavar="N",
+    a("--generate", type=positive, default=0, metavar="N",
       help="write N images from --netG into OUTF/generated/ and exit")
-    a("--interpolate", type=count, default=0, metavar="N",
+    a("--interpolate", type=positive, default=0, metavar="N",
       help="write N latent walks of --netG and exit")
-    a("--export-real", type=count, default=0, metavar="N",
+    a("--export-real", type=positive, default=0, metavar="N",
       help="write N training images as G sees them and exit")
 
 
@@ -1441,7 +1469,14 @@ def train(opt, device, ranks):
     dataset = ranks.local_first(open_dataset, opt)  # (a download, once a node)
     same_images, cache_name = ranks.agree(data_keys, opt, dataset)
     run = ranks.agree(Run, opt, device, ranks, same_images)
-    data = ranks.local_first(preloaded, opt, dataset, cache_name, device, run.log)
+    # each rank has its own files: if they differ, so do the ranks' steps and collectives
+    seen = ranks.gather((same_images, run.ckpt and run.ckpt["step"]))
+    if len(set(seen)) > 1:
+        raise Fail(EXIT_DATA, f"the processes see other data or checkpoints (data and step by "
+                              f"rank: {seen}); give every node the same --dataroot and --outf")
+    # with a cache, each node's local rank 0 decodes into it and the others map its file
+    first = ranks.local_first if opt.cache_dir else ranks.agree
+    data = first(preloaded, opt, dataset, cache_name, device, run.log)
     run.start(data)
     return run.loop()
 

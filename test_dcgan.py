@@ -14,6 +14,7 @@ import random
 import resource
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -411,7 +412,7 @@ def test_synthetic_is_seeded_and_face_like():
 
 def test_odd_images_decode_and_bad_ones_are_skipped(tmp_path, capsys):
     d = tmp_path / "imgs"
-    make_images(d, 200, size=(30, 20))
+    make_images(d, 300, size=(30, 20))  # (and 3 unreadable: within 1%)
     Image.new("L", (25, 25), 128).save(d / "gray.png")
     Image.new("RGBA", (25, 25), (1, 2, 3, 4)).save(d / "rgba.png")
     Image.new("P", (25, 25)).save(d / "palette.png")
@@ -422,13 +423,18 @@ def test_odd_images_decode_and_bad_ones_are_skipped(tmp_path, capsys):
     (d / "notes.txt").write_text("not an image file: not listed")
     good = (d / "000000.jpg").read_bytes()
     (d / "truncated.jpg").write_bytes(good[:len(good) // 3])
+    os.symlink(tmp_path / "nowhere.png", d / "dangling.png")  # a link to nothing: unreadable
+    with open(os.fsencode(d) + b"/caf\xe9.jpg", "wb") as f:  # a name that is not UTF-8
+        f.write(good)
     opt = dcgan.parse_args(["--dataset", "folder", "--dataroot", str(d), "--imageSize", "16", "--cache-dir", ""])
     data = dcgan.open_dataset(opt)
     assert not [p for p in data.paths if p.endswith(".txt")]
+    same_images, cache_name = dcgan.data_keys(opt, data)
+    assert same_images.startswith("folder-16px-310-") and cache_name
     decoded = decode(data)
     err = capsys.readouterr().err
     assert "broken.jpg" in err and "replaced by the next readable one" in err
-    assert decoded.shape == (208, 3, 16, 16)  # every file, each unreadable one's place taken
+    assert decoded.shape == (310, 3, 16, 16)  # every file, each unreadable one's place taken
     for i, path in enumerate(data.paths):  # every readable file in its own place
         img = dcgan.decode_image(path, 3)
         if img is not None:
@@ -839,6 +845,16 @@ def test_a_checkpoint_of_another_device_type_is_refused_in_one_line(tmp_path, sh
     assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
 
 
+def test_a_checkpoint_without_a_setting_it_must_match_is_refused_in_one_line(tmp_path, short_run):
+    """A checkpoint of an earlier version of the same format that did not record the precision."""
+    ck = state(short_run / "checkpoint.pt")
+    del ck["config"]["precision"]
+    torch.save(ck, tmp_path / "older.pt")
+    r = cli(["--dataset", "synthetic", *TINY, "--outf", tmp_path / "o", "--resume", tmp_path / "older.pt"])
+    assert r.returncode == dcgan.EXIT_FILE and "not a checkpoint of this dcgan.py" in r.stderr, r.stderr
+    assert r.stderr.count("\n") == 1
+
+
 def test_resuming_into_a_folder_that_holds_another_run_is_refused(tmp_path, short_run):
     other = tmp_path / "other"
     assert run_main(["--dataset", "fake", *TINY, "--max-steps", 1, "--outf", other, "--cache-dir", ""]) == 0
@@ -910,6 +926,12 @@ dcgan.Run.save = traced_save
 decode_all = dcgan.decode_all
 def traced_decode(*args):
     open(f"{{trace}}/decoded{{rank}}", "w").close()
+    if os.environ.get("DCGAN_DECODE_TOGETHER"):  # whether the other rank decodes at the same time
+        deadline = time.time() + 20
+        while not os.path.exists(f"{{trace}}/decoded{{1 - rank}}") and time.time() < deadline:
+            time.sleep(0.01)
+        if time.time() < deadline:
+            open(f"{{trace}}/together{{rank}}", "w").close()
     return decode_all(*args)
 dcgan.decode_all = traced_decode
 
@@ -925,7 +947,7 @@ if os.environ.get("DCGAN_MNIST_MIRROR"):  # the MNIST download, from a local fol
     dcgan.torchvision.datasets.MNIST.mirrors = [os.environ["DCGAN_MNIST_MIRROR"]]
     dcgan.torchvision.datasets.MNIST.resources = [tuple(r.split(":")) for r in os.environ["DCGAN_MNIST_FILES"].split(",")]
 
-code = dcgan.main(sys.argv[1:])
+code = dcgan.main(sys.argv[1:] + os.environ.get(f"DCGAN_ARGS_OF_RANK{{rank}}", "").split())
 open(f"{{trace}}/exit{{rank}}", "w").write(str(code))
 sys.exit(code)
 """
@@ -1029,6 +1051,63 @@ def test_torchrun_user_errors_end_every_rank_with_one_line(tmp_path):
     r, trace = torchrun(tmp_path, syn + ["--lr", "-1"])
     assert exit_codes(trace) == [dcgan.EXIT_USAGE] * 2
     one_error_line(r, "--lr")
+    (tmp_path / "o3" / "scores.csv").mkdir(parents=True)  # rank 0 alone writes it, at the start
+    r, trace = torchrun(tmp_path, ["--dataset", "synthetic", *TINY, "--outf", tmp_path / "o3"])
+    assert exit_codes(trace) == [dcgan.EXIT_OUTPUT] * 2
+    one_error_line(r, "scores.csv")
+
+
+def test_torchrun_ranks_that_see_other_data_refuse_in_one_line(tmp_path):
+    """Each node has its own copy of the data set (or of --outf): if the copies differ, the ranks
+    would step through epochs of other lengths and wait in each other's collectives."""
+    d, other = make_numbered_images(tmp_path / "a", 96), make_numbered_images(tmp_path / "b", 64)
+    args = ["--dataset", "folder", "--dataroot", d, *TINY, "--outf", tmp_path / "out"]
+    r, trace = torchrun(tmp_path, args, env={"DCGAN_ARGS_OF_RANK1": f"--dataroot {other}"})
+    assert exit_codes(trace) == [dcgan.EXIT_DATA] * 2
+    one_error_line(r, "the processes see other data or checkpoints")
+    # one node holds an older copy of the checkpoint
+    r, trace = torchrun(tmp_path, args + ["--max-steps", 2])
+    assert exit_codes(trace) == [0, 0], r.stderr[-3000:]
+    os.makedirs(tmp_path / "old")
+    shutil.copy(tmp_path / "out" / "checkpoint.pt", tmp_path / "old" / "checkpoint.pt")
+    r, trace = torchrun(tmp_path, args + ["--max-steps", 2, "--resume"])
+    assert exit_codes(trace) == [0, 0], r.stderr[-3000:]
+    env = {"DCGAN_ARGS_OF_RANK1": f"--resume {tmp_path / 'old' / 'checkpoint.pt'}"}
+    r, trace = torchrun(tmp_path, args + ["--resume"], env=env)
+    assert exit_codes(trace) == [dcgan.EXIT_DATA] * 2
+    one_error_line(r, "the processes see other data or checkpoints")
+    assert ", 4), (" in r.stderr and ", 2)]" in r.stderr  # the steps, rank by rank
+
+
+def test_torchrun_without_a_cache_every_rank_decodes_at_once(tmp_path):
+    d = make_numbered_images(tmp_path / "imgs", 96)
+    args = ["--dataset", "folder", "--dataroot", d, "--cache-dir", "", *TINY, "--max-steps", 1,
+            "--outf", tmp_path / "out"]
+    r, trace = torchrun(tmp_path, args, env={"DCGAN_DECODE_TOGETHER": "1"})
+    assert exit_codes(trace) == [0, 0], r.stderr[-3000:]
+    assert (trace / "together0").exists() and (trace / "together1").exists()
+
+
+def test_torchrun_a_stream_failure_met_by_one_rank_is_said_by_that_rank(tmp_path):
+    """With --no-preload a run of 100 unreadable files is found by the rank whose shard holds it,
+    here rank 1, which rank 0 never hears of: rank 1 prints the line itself, naming the first."""
+    d = make_numbered_images(tmp_path / "imgs", 200)
+    for i in range(100):
+        (d / f"z{i:03d}.png").write_bytes(b"not a png")  # sorted after the good ones: index 200 on
+    batch = 8
+
+    def shard(seed, rank):  # the indices of this rank's full batches in epoch 0, as the run draws them
+        sampler = torch.utils.data.DistributedSampler(range(300), 2, rank, seed=seed, drop_last=True)
+        return list(sampler)[:len(sampler) // batch * batch]
+    def first_images(seed):  # the 64 of real_samples.png, read by every rank
+        return torch.randperm(300, generator=torch.Generator().manual_seed(seed))[:64].tolist()
+    seed = next(s for s in range(100) if 200 in shard(s, 1) and 200 not in first_images(s))
+    args = ["--dataset", "folder", "--dataroot", d, "--no-preload", "--workers", 0, *TINY,
+            "--batchSize", batch, "--score-images", 0, "--manualSeed", seed, "--outf", tmp_path / "out"]
+    r, trace = torchrun(tmp_path, args)
+    assert exit_codes(trace)[1] == dcgan.EXIT_DATA, r.stderr[-3000:]
+    errors = [line for line in r.stderr.splitlines() if "dcgan.py: error:" in line]
+    assert len(errors) == 1 and f"100 files in a row from {d / 'z000.png'} on" in errors[0], r.stderr[-3000:]
 
 
 def test_torchrun_refuses_one_device_for_every_rank(tmp_path):
@@ -1055,7 +1134,7 @@ def test_torchrun_nan_on_one_rank_stops_every_rank(tmp_path, log_every):
                                    log_every, "--save-every", 1], env={"DCGAN_NAN_ON_RANK": "1"})
     assert exit_codes(trace) == [dcgan.EXIT_DIVERGED] * 2
     one_error_line(r, "a non-finite loss or D output in iterations 1 to 3" if log_every == 3
-                   else "non-finite weights or optimizer state at step 3")
+                   else "non-finite weights, optimizer state or losses at step 3")
     ck = state(tmp_path / "out" / "checkpoint.pt")  # saved before the NaN, finite
     assert ck["step"] == 2 and all(torch.isfinite(t).all() for t in tensors(ck).values() if t.is_floating_point())
 
@@ -1196,13 +1275,27 @@ def test_dry_run_writes_the_epoch_files_and_no_checkpoint(tmp_path):
     names = set(os.listdir(out))
     assert {"real_samples.png", "fake_samples_epoch_000.png", "netG_epoch_0.pth", "netD_epoch_0.pth",
             "losses.csv"} <= names
-    assert "checkpoint.pt" not in names  # a dry run never blocks or bends a later run
+    assert "checkpoint.pt" not in names and "netG_best.pth" not in names  # never blocks a later run
     with Image.open(out / "fake_samples_epoch_000.png") as im:
         assert im.size[0] > 16
     g = state(out / "netG_epoch_0.pth")
     assert next(iter(g)) == "main.0.weight" and not any(k.startswith(("module.", "_orig_mod.")) for k in g)
     rows = (out / "losses.csv").read_text().splitlines()
     assert rows[0].startswith("epoch,iter,step,loss_d,loss_g") and len(rows) == 2
+    assert run_main(["--dataset", "fake", "--max-steps", 1, "--outf", out, "--cache-dir", "", *TINY]) == 0
+
+
+def test_a_best_g_whose_checkpoint_has_gone_is_never_overwritten(tmp_path):
+    out = tmp_path / "out"
+    argv = ["--dataset", "fake", "--niter", 1, "--score-images", 64, "--outf", out, *TINY]
+    assert run_main(argv) == 0
+    (out / "checkpoint.pt").unlink()  # moved away, say, and the best G kept
+    kept = {name: (out / name).read_bytes() for name in ("netG_best.pth", "scores.csv")}
+    for extra in ([], ["--dry-run"]):
+        r = cli(argv + extra)
+        assert r.returncode == dcgan.EXIT_OUTPUT and "netG_best.pth" in r.stderr, r.stderr
+        assert r.stderr.count("\n") == 1
+    assert {name: (out / name).read_bytes() for name in kept} == kept
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/cpuinfo"), reason="reads the CPU's flags in Linux's way")
@@ -1416,6 +1509,68 @@ def test_a_signal_on_the_runs_last_iteration_still_finishes_its_last_epoch(tmp_p
     assert run_main(argv + ["--resume"]) == 0 and "is finished (2 epochs" in capsys.readouterr().out
 
 
+def test_a_kill_inside_the_last_epochs_save_loses_none_of_its_files(tmp_path):
+    """--save-every falls on the epoch's last iteration, and the process is killed inside the epoch's
+    own save (while it scores): the resumed run still writes the epoch's weights, grid and score."""
+    out = tmp_path / "out"
+    argv = ["--dataset", "fake", *TINY, "--niter", 1, "--score-images", 64, "--save-every", 32, "--outf", out]
+    code = (f"import os, signal, sys\nsys.path.insert(0, {HERE!r})\nimport dcgan\n"
+            "dcgan.Run.score = lambda run, epoch: os.kill(os.getpid(), signal.SIGKILL)\n"
+            f"dcgan.main({[str(a) for a in argv]!r})\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == -signal.SIGKILL and "[0/1][64/64]" in r.stdout, r.stderr
+    assert not (out / "netG_epoch_0.pth").exists()
+    r = cli(argv + ["--resume"])
+    assert r.returncode == 0 and "resumed from" in r.stdout and "is finished" not in r.stdout, r.stdout
+    assert (out / "netG_epoch_0.pth").exists() and (out / "fake_samples_epoch_000.png").exists()
+    assert [e for e, _ in scores_csv(out)] == [0] and (out / "netG_best.pth").exists()
+    ck = state(out / "checkpoint.pt")
+    assert (ck["epoch"], ck["iter"], ck["step"]) == (1, 0, 64)
+
+
+def test_a_kill_inside_the_first_checkpoints_save_leaves_a_folder_the_same_command_reruns_in(tmp_path):
+    """Killed while epoch 0's checkpoint is written, before any other: netG_best.pth, written after
+    the checkpoint, is not there to make the rerun refuse the folder."""
+    out = tmp_path / "out"
+    argv = [str(a) for a in ["--dataset", "fake", *TINY, "--niter", 1, "--score-images", 64, "--outf", out]]
+    code = (f"import os, signal, sys\nsys.path.insert(0, {HERE!r})\nimport dcgan\n"
+            "write = dcgan.atomic_write\n"
+            "def killed_in_the_checkpoint(path, how):\n"
+            "    if path.endswith('checkpoint.pt'):\n        os.kill(os.getpid(), signal.SIGKILL)\n"
+            "    write(path, how)\n"
+            f"dcgan.atomic_write = killed_in_the_checkpoint\ndcgan.main({argv!r})\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == -signal.SIGKILL and (out / "netG_epoch_0.pth").exists(), r.stderr
+    assert not (out / "netG_best.pth").exists() and not (out / "checkpoint.pt").exists()
+    r = cli(argv)
+    assert r.returncode == 0, r.stderr
+    assert (out / "netG_best.pth").exists() and (out / "checkpoint.pt").exists()
+
+
+def test_the_log_line_after_a_resume_is_the_one_an_unstopped_run_writes(tmp_path, monkeypatch):
+    """SIGTERM between two log lines: the checkpoint carries the sums since the last line, so the
+    next row of losses.csv averages the same iterations as in a run never stopped."""
+    argv = ["--dataset", "fake", *TINY, "--log-every", 4, "--score-images", 0, "--max-steps", 12]
+    assert run_main(argv + ["--outf", tmp_path / "straight"]) == 0
+    log_progress = dcgan.Run.log_progress
+
+    def log_then_signal(run, total):
+        log_progress(run, total)
+        if run.step == 6:  # between the lines at 4 and 8
+            signal.raise_signal(signal.SIGTERM)
+
+    monkeypatch.setattr(dcgan.Run, "log_progress", log_then_signal)
+    out = tmp_path / "stopped"
+    assert run_main(argv + ["--outf", out]) == 128 + signal.SIGTERM
+    monkeypatch.setattr(dcgan.Run, "log_progress", log_progress)
+    assert run_main(argv[:-1] + ["6", "--outf", out, "--resume"]) == 0
+
+    def losses(folder):  # step, loss_d, loss_g, d_x, d_g_z1, d_g_z2 of every row
+        return [r.split(",")[2:8] for r in (folder / "losses.csv").read_text().splitlines()[1:]]
+    assert [row[0] for row in losses(out)] == ["4", "8", "12"]
+    assert losses(out) == losses(tmp_path / "straight")
+
+
 def test_a_second_signal_ends_the_process_at_once():
     """Signals within a second of the first count as one (the run saves after its step); one after that, of
     either kind, ends the process where it is."""
@@ -1495,7 +1650,7 @@ def test_divergence_mid_run_stops_with_only_finite_checkpoints(tmp_path, capsys)
     assert run_main(args + ["--max-steps", 2]) == 0
     code = run_main(args + ["--resume", "--lr", 1e30, "--save-every", 1])
     err = capsys.readouterr().err
-    assert code == dcgan.EXIT_DIVERGED and "non-finite weights or optimizer state at step 3" in err, err
+    assert code == dcgan.EXIT_DIVERGED and "non-finite weights, optimizer state or losses at step 3" in err, err
     assert "last good checkpoint: " + str(out / "checkpoint.pt") in err and err.count("\n") == 1
     ck = state(out / "checkpoint.pt")
     assert ck["step"] == 2 and all(torch.isfinite(t).all() for t in tensors(ck).values() if t.is_floating_point())
@@ -1510,6 +1665,9 @@ def test_generate_writes_one_png_per_image_as_g_draws_it(tmp_path, dry_run, shor
     out = dry_run
     for weights in (out / "netG_epoch_0.pth", short_run / "checkpoint.pt"):
         gen_out = tmp_path / f"gen-{weights.name}"
+        left = gen_out / f".generated.{socket.gethostname()}.tmp"  # by a --generate killed midway
+        left.mkdir(parents=True)
+        (left / "000000.png").write_bytes(b"half")
         r = cli(["--generate", 300, "--netG", weights, "--outf", gen_out])
         assert r.returncode == 0, r.stderr
         pngs = sorted(os.listdir(gen_out / "generated"))
@@ -1636,6 +1794,9 @@ def bad_inputs(tmp):
         (syn + ["--netD", tmp / "evil.pt"], E.EXIT_FILE, "refused"),
         (syn + ["--netG", tmp / "ck" / "netD_epoch_0.pth"], E.EXIT_FILE, "does not fit"),
         (["--generate", 4], E.EXIT_USAGE, "--netG"),
+        (syn + ["--generate", 0], E.EXIT_USAGE, "--generate"),  # not a training run
+        (syn + ["--export-real", 0], E.EXIT_USAGE, "--export-real"),
+        (syn + ["--interpolate", 0], E.EXIT_USAGE, "--interpolate"),
         (["--generate", 4, "--netG", tmp / "dict.pt"], E.EXIT_FILE, "--netG"),
         (["--generate", 4, "--netG", tmp / "evil.pt"], E.EXIT_FILE, "refused"),
     ]
