@@ -698,13 +698,12 @@ MUST_MATCH = ("nz", "ngf", "ndf", "nc", "imageSize", "batchSize", "manualSeed", 
               "device", "precision", "data", "score_images")
 LOG_FIELDS = ["epoch", "iter", "step", "loss_d", "loss_g", "d_x", "d_g_z1", "d_g_z2", "img_per_s",
               "warning"]
-FORMAT = 3  # of checkpoint.pt
+FORMAT = 4  # of checkpoint.pt
 
 
 def read_checkpoint(path, config):
     ckpt = load_file(path, "--resume checkpoint")
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT or \
-            not set(MUST_MATCH) <= set(ckpt["config"]):  # (an earlier version's format 3)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise Fail(EXIT_FILE, f"--resume {path} is not a checkpoint of this dcgan.py (format "
                               f"{FORMAT}; earlier ones cannot be resumed); start a new --outf")
     saved = ckpt["config"]
@@ -922,56 +921,69 @@ class CudaGraphed:
 
 # ---- Which G to keep: a DCGAN's losses do not say how good its samples are, and the samples
 # often get worse late in a run. After every epoch G's samples are scored against real images by
-# the sliced Wasserstein distance between their patches (Karras et al. 2018, section 5; README has
-# the measurements), and netG_best.pth keeps the best-scoring G.
-def pyramid(images):
-    """A Laplacian pyramid: the detail that each halving of the size loses, down to 16x16, then
-    the 16x16 images."""
-    levels = []
-    while images.shape[-1] > 16:
-        half = F.avg_pool2d(images, 2)
-        levels.append(images - F.interpolate(half, scale_factor=2, mode="bilinear"))
-        images = half
-    return levels + [images]
+# the Frechet distance (the formula of FID) between their features in a small network that learns,
+# at the start of the run, how far the run's own images were turned (README has the measurements);
+# netG_best.pth keeps the best-scoring G.
+def rotation_net(nc):
+    """Four strided convolutions to 256 features, then a guess at one of four quarter turns."""
+    layers, width = [], nc
+    for out in (32, 64, 128, 256):
+        layers += [nn.Conv2d(width, out, 3, 2, 1), nn.BatchNorm2d(out), nn.ReLU()]
+        width = out
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(256, 4))
 
 
-def patches(images, seed, per_image=128, size=7):
-    """Per level of the pyramid, 128 random 7x7 patches of each image, flattened, each channel
-    normalised over them all."""
+def at_32(images):
+    """Images of any size resized to 32x32, the rotation network's input."""
+    return F.interpolate(images.float(), size=32, mode="bilinear", antialias=True)
+
+
+def train_rotation_net(images, seed, batch_size=128):
+    """rotation_net taught to tell by how many quarter turns images (in [-1, 1], 32x32) were
+    turned, in as many random batches as ten passes over them; seeded, and leaving the global
+    random state as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = rotation_net(images.shape[1]).to(images.device)
     rng = torch.Generator().manual_seed(seed)
-    out = []
-    for level in pyramid(images):
-        n, starts = len(level), level.shape[-1] - size + 1  # (the images are square)
-        rows = torch.randint(starts, (n, per_image), generator=rng).to(level.device)
-        cols = torch.randint(starts, (n, per_image), generator=rng).to(level.device)
-        windows = level.unfold(2, size, 1).unfold(3, size, 1).permute(0, 2, 3, 1, 4, 5)
-        picked = windows[torch.arange(n, device=level.device)[:, None], rows, cols].flatten(0, 1)
-        mean = picked.mean((0, 2, 3), keepdim=True)
-        std = picked.std((0, 2, 3), keepdim=True).clamp(min=1e-6)  # (a colour G has lost)
-        out.append(((picked - mean) / std).flatten(1))
-    return out
+    optimizer = torch.optim.Adam(net.parameters(), 1e-3)
+    for _ in range(10 * len(images) // batch_size):
+        batch = images[torch.randint(len(images), (batch_size,), generator=rng).to(images.device)]
+        turns = torch.randint(4, (batch_size,), generator=rng).to(images.device)
+        turned = torch.cat([torch.rot90(batch[turns == k], k, (2, 3)) for k in range(4)])
+        loss = F.cross_entropy(net(turned), turns.sort().values)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return net.eval()
 
 
-def sliced_wasserstein(real, fake, repeats=4, directions=128):
-    """The distance (x 1000, averaged over the levels) between two sets of patches of one size:
-    the mean gap between their sorted projections on 4 x 128 random directions; 0 for the same
-    sets."""
-    rng, total = torch.Generator().manual_seed(0), 0.0
-    for a, b in zip(real, fake):
-        for _ in range(repeats):
-            d = F.normalize(torch.randn(directions, a.shape[1], generator=rng), dim=1)
-            d = d.to(a.device)
-            total += ((d @ a.T).sort().values - (d @ b.T).sort().values).abs().mean().item()
-    return 1e3 * total / (repeats * len(real))
+@torch.no_grad()
+def features(net, images):
+    """The rotation network's 256 features of each image, in float64 on the CPU."""
+    return net[:-1](at_32(images)).double().cpu()
 
 
-def start_scores(outf, data, indices, scores, best_G, device):
-    """The patches of the score's real images data[indices]; scores.csv and netG_best.pth as the
-    checkpoint has them (a resume may go back to an earlier one)."""
-    real = torch.cat(list(uint8_batches(data, indices, 256)))
+def frechet_distance(a, b):
+    """|mean_a - mean_b|^2 + Tr(Ca + Cb - 2 (Ca^1/2 Cb Ca^1/2)^1/2) of two sets of features."""
+    cov_a, cov_b = torch.cov(a.T), torch.cov(b.T)
+    values, vectors = torch.linalg.eigh(cov_a)
+    root_a = vectors @ torch.diag(values.clamp(min=0).sqrt()) @ vectors.T
+    cross = torch.linalg.eigvalsh(root_a @ cov_b @ root_a).clamp(min=0).sqrt().sum()
+    gap = (a.mean(0) - b.mean(0)).square().sum()
+    return (gap + cov_a.trace() + cov_b.trace() - 2 * cross).item()
+
+
+def start_scores(outf, data, indices, n, seed, scores, best_G, device):
+    """The rotation network, taught on the real images data[indices], and its features of the
+    first n, which the score compares with; scores.csv and netG_best.pth as the checkpoint has
+    them (a resume may go back to an earlier one)."""
+    real = torch.cat(list(uint8_batches(data, indices, 256))).to(device)
+    real = at_32(real / 127.5 - 1)
+    net = train_rotation_net(real, seed)
     write_rows(os.path.join(outf, "scores.csv"), [("epoch", "score"), *scores], "w")
     write_best_G(outf, best_G)
-    return patches(real.to(device).float() / 127.5 - 1, seed=0)
+    return net, features(net, real[:n])
 
 
 def write_best_G(outf, best_G):
@@ -1190,9 +1202,10 @@ class Run:
         rows = [LOG_FIELDS, *zip(*(self.history[k] for k in LOG_FIELDS))]
         self.ranks.on_main(write_rows, os.path.join(opt.outf, "losses.csv"), rows, "w")
         if opt.score_images:  # the score's real images, the same each run; rank 0 scores
-            self.real_patches = self.ranks.on_main(start_scores, opt.outf, data,
-                                                   some[:opt.score_images].tolist(), self.scores,
-                                                   self.best_G, self.device)
+            n = min(opt.score_images, len(data))
+            self.scorer = self.ranks.on_main(start_scores, opt.outf, data, some[:4 * n].tolist(),
+                                             n, opt.manualSeed, self.scores, self.best_G,
+                                             self.device)
         kept = "decoded once"
         if not isinstance(data, torch.Tensor):
             kept = f"decoded each epoch by {opt.workers} workers"
@@ -1305,7 +1318,8 @@ class Run:
         n = min(opt.score_images, len(self.data))
         z = torch.randn(n, opt.nz, 1, 1, generator=torch.Generator().manual_seed(0))
         fake = torch.cat([self.samples(part.to(self.device)) for part in z.split(opt.batchSize)])
-        score = sliced_wasserstein(self.real_patches, patches(fake, seed=1))
+        net, real_features = self.scorer
+        score = frechet_distance(real_features, features(net, fake))
         best = min(self.scores, key=lambda row: row[1], default=[None, math.inf])
         self.scores.append([epoch_done, score])
         write_rows(os.path.join(opt.outf, "scores.csv"), [self.scores[-1]])
@@ -1388,7 +1402,8 @@ def add_own_flags(a):
     a("--sample-bn", default="batch", choices=["batch", "eval"],
       help="BatchNorm statistics when sampling")
     a("--score-images", type=count, default=1000, metavar="N",
-      help="real images and samples of the score after each epoch (0: off)")
+      help="real images and samples of the score after each epoch, whose network learns on "
+           "4N (0: off)")
     a("--log-every", type=positive, default=50, help="log every N iterations")
     a("--save-every", type=count, default=0, help="also save the checkpoint every N iterations")
     a("--save-minutes", type=minutes, default=10.0, help="also save it every N minutes (0: off)")

@@ -31,7 +31,9 @@ import dcgan  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-TINY = ["--imageSize", "16", "--ngf", "8", "--ndf", "8", "--batchSize", "16", "--log-every", "4"]
+TINY = ["--imageSize", "16", "--ngf", "8", "--ndf", "8", "--batchSize", "16", "--log-every", "4",
+        "--score-images", "0"]
+SCORED = ["--score-images", "64"]  # after TINY: the score, on few images
 
 
 @pytest.fixture(autouse=True)
@@ -845,10 +847,10 @@ def test_a_checkpoint_of_another_device_type_is_refused_in_one_line(tmp_path, sh
     assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
 
 
-def test_a_checkpoint_without_a_setting_it_must_match_is_refused_in_one_line(tmp_path, short_run):
-    """A checkpoint of an earlier version of the same format that did not record the precision."""
+def test_a_checkpoint_of_an_earlier_format_is_refused_in_one_line(tmp_path, short_run):
+    """Format 3 scored its epochs with another measure: its scores and best G cannot go on."""
     ck = state(short_run / "checkpoint.pt")
-    del ck["config"]["precision"]
+    ck["format"] = 3
     torch.save(ck, tmp_path / "older.pt")
     r = cli(["--dataset", "synthetic", *TINY, "--outf", tmp_path / "o", "--resume", tmp_path / "older.pt"])
     assert r.returncode == dcgan.EXIT_FILE and "not a checkpoint of this dcgan.py" in r.stderr, r.stderr
@@ -1002,7 +1004,8 @@ def test_torchrun_ranks_take_distinct_shards_and_noise_and_stay_identical(tmp_pa
 
 def test_torchrun_resume_is_exact_and_each_rank_keeps_its_noise(tmp_path):
     d = make_numbered_images(tmp_path / "imgs", 96)
-    base = ["--dataset", "folder", "--dataroot", d, *TINY, "--batchSize", 8, "--niter", 2, "--log-every", 3]
+    base = ["--dataset", "folder", "--dataroot", d, *TINY, *SCORED, "--batchSize", 8, "--niter", 2,
+            "--log-every", 3]
     r, trace = torchrun(tmp_path, base + ["--outf", tmp_path / "a"])  # 12 steps straight
     assert r.returncode == 0, r.stderr[-3000:]
     straight = [steps_of(trace, 0), steps_of(trace, 1)]
@@ -1052,7 +1055,7 @@ def test_torchrun_user_errors_end_every_rank_with_one_line(tmp_path):
     assert exit_codes(trace) == [dcgan.EXIT_USAGE] * 2
     one_error_line(r, "--lr")
     (tmp_path / "o3" / "scores.csv").mkdir(parents=True)  # rank 0 alone writes it, at the start
-    r, trace = torchrun(tmp_path, ["--dataset", "synthetic", *TINY, "--outf", tmp_path / "o3"])
+    r, trace = torchrun(tmp_path, ["--dataset", "synthetic", *TINY, *SCORED, "--outf", tmp_path / "o3"])
     assert exit_codes(trace) == [dcgan.EXIT_OUTPUT] * 2
     one_error_line(r, "scores.csv")
 
@@ -1269,7 +1272,7 @@ def test_a_collapsing_run_is_warned_once_and_logged(tmp_path, capsys):
 
 def test_dry_run_writes_the_epoch_files_and_no_checkpoint(tmp_path):
     out = tmp_path / "out"
-    r = cli(["--dataset", "fake", "--dry-run", "--outf", out, "--cache-dir", "", *TINY])
+    r = cli(["--dataset", "fake", "--dry-run", "--outf", out, "--cache-dir", "", *TINY, *SCORED])
     assert r.returncode == 0, r.stderr
     assert "Loss_D" in r.stdout and "img/s" in r.stdout
     names = set(os.listdir(out))
@@ -1287,7 +1290,7 @@ def test_dry_run_writes_the_epoch_files_and_no_checkpoint(tmp_path):
 
 def test_a_best_g_whose_checkpoint_has_gone_is_never_overwritten(tmp_path):
     out = tmp_path / "out"
-    argv = ["--dataset", "fake", "--niter", 1, "--score-images", 64, "--outf", out, *TINY]
+    argv = ["--dataset", "fake", "--niter", 1, "--outf", out, *TINY, *SCORED]
     assert run_main(argv) == 0
     (out / "checkpoint.pt").unlink()  # moved away, say, and the best G kept
     kept = {name: (out / name).read_bytes() for name in ("netG_best.pth", "scores.csv")}
@@ -1313,19 +1316,30 @@ def test_amp_auto_is_bf16_where_the_cpu_has_it_natively(tmp_path, capsys):
 
 
 def test_the_score_of_real_images_against_real_ones_is_far_below_an_untrained_gs():
-    real = dcgan.synthetic_faces(500, 16, seed=1).float() / 127.5 - 1
-    other = dcgan.synthetic_faces(500, 16, seed=2).float() / 127.5 - 1
+    faces = dcgan.synthetic_faces(1500, 16, seed=1).float() / 127.5 - 1
+    real, other, held_out = faces[:500], faces[500:1000], faces[1000:]
+    before = torch.random.get_rng_state()
+    net = dcgan.train_rotation_net(dcgan.at_32(faces[:1000]), seed=0)
+    assert torch.equal(torch.random.get_rng_state(), before)  # the training's noise is untouched
+    with torch.no_grad():  # it has learnt to tell the turns of faces it has not seen
+        turns = torch.arange(len(held_out)) % 4
+        turned = torch.stack([torch.rot90(x, int(k), (1, 2)) for x, k in zip(held_out, turns)])
+        accuracy = (net(dcgan.at_32(turned)).argmax(1) == turns).float().mean().item()
+    assert accuracy > 0.9, accuracy
     torch.manual_seed(0)
     G = dcgan.Generator(100, 8, 3, 16).apply(dcgan.weights_init)
     fake = dcgan.sample(G, torch.randn(500, 100, 1, 1))
-    reals = dcgan.patches(real, seed=0)
-    floor = dcgan.sliced_wasserstein(reals, dcgan.patches(other, seed=1))
-    untrained = dcgan.sliced_wasserstein(reals, dcgan.patches(fake, seed=1))
-    assert dcgan.sliced_wasserstein(reals, reals) == 0 and 0 < floor < 0.2 * untrained, (floor, untrained)
-    assert dcgan.sliced_wasserstein(reals, dcgan.patches(fake, seed=1)) == untrained  # the same G, the same score
-    assert math.isfinite(dcgan.sliced_wasserstein(reals, dcgan.patches(torch.zeros_like(real), seed=1)))
-    # 128 7x7 patches of 3 colours per image at each level: 32x32's detail, then 16x16
-    assert [p.shape for p in dcgan.patches(real[:4].repeat(1, 1, 2, 2), seed=0)] == [(512, 147)] * 2
+    reals = dcgan.features(net, real)
+    assert reals.shape == (500, 256) and reals.dtype == torch.float64
+    floor = dcgan.frechet_distance(reals, dcgan.features(net, other))
+    untrained = dcgan.frechet_distance(reals, dcgan.features(net, fake))
+    assert abs(dcgan.frechet_distance(reals, reals)) < 1e-6 and 0 < floor < 0.05 * untrained, (floor, untrained)
+    assert dcgan.frechet_distance(reals, dcgan.features(net, fake)) == untrained  # the same G, the same score
+    flat = dcgan.frechet_distance(reals, dcgan.features(net, torch.zeros_like(real)))
+    assert math.isfinite(flat) and flat > floor
+    # the same images and seed, the same network
+    again = dcgan.train_rotation_net(dcgan.at_32(faces[:1000]), seed=0)
+    assert all(torch.equal(x, y) for x, y in zip(net.state_dict().values(), again.state_dict().values()))
 
 
 def scores_csv(out):
@@ -1333,11 +1347,11 @@ def scores_csv(out):
 
 
 def test_netG_best_is_the_best_scoring_epochs_g(tmp_path, capsys):
-    """Two epochs, then two more resumed at 100x the learning rate, which spoils G: netG_best.pth
+    """Two epochs, then two more resumed at 5,000x the learning rate, which spoils G: netG_best.pth
     stays the averaged G (--ema) of the lowest score in scores.csv, and each epoch line gives its
     score and the best. A resume from an earlier checkpoint takes the best G as that one had it."""
     out = tmp_path / "out"
-    base = ["--dataset", "fake", *TINY, "--ema", 0.9, "--score-images", 256, "--outf", out]
+    base = ["--dataset", "synthetic", *TINY, "--ema", 0.9, "--score-images", 256, "--outf", out]
 
     def assert_best_is_kept(epochs):
         scores = scores_csv(out)
@@ -1356,10 +1370,10 @@ def test_netG_best_is_the_best_scoring_epochs_g(tmp_path, capsys):
     shutil.copy(out / "checkpoint.pt", out / "after_epoch_0.pt")
     assert run_main(base + ["--niter", 2, "--resume"]) == 0
     assert assert_best_is_kept(2) == 1  # (else the rest could not tell the best G from another)
-    assert run_main(base + ["--niter", 4, "--lr", 0.02, "--resume"]) == 0
+    assert run_main(base + ["--niter", 4, "--lr", 1, "--resume"]) == 0
     assert assert_best_is_kept(4) == 1
     # back to epoch 0's checkpoint, and epoch 1 again, spoilt: the best is epoch 0's G once more
-    assert run_main(base + ["--niter", 2, "--lr", 0.02, "--resume", out / "after_epoch_0.pt"]) == 0
+    assert run_main(base + ["--niter", 2, "--lr", 1, "--resume", out / "after_epoch_0.pt"]) == 0
     assert assert_best_is_kept(2) == 0
     # a data set smaller than --score-images uses what it has; 0 turns the score off
     d = make_images(tmp_path / "imgs", 40, size=(20, 20))
@@ -1373,7 +1387,7 @@ def test_netG_best_is_the_best_scoring_epochs_g(tmp_path, capsys):
 
 def resume_pair(tmp_path, extra, stop):
     """An uninterrupted run and one that is stopped by `stop(args, out)` and resumed."""
-    base = ["--cache-dir", "", *TINY, "--niter", 2] + extra
+    base = ["--cache-dir", "", *TINY, *SCORED, "--niter", 2] + extra
     a, b = tmp_path / "a", tmp_path / "b"
     assert run_main(base + ["--outf", a]) == 0
     stop(base, b)
