@@ -928,7 +928,8 @@ def rotation_net(nc):
     """Four strided convolutions to 256 features, then a guess at one of four quarter turns."""
     layers, width = [], nc
     for out in (32, 64, 128, 256):
-        layers += [nn.Conv2d(width, out, 3, 2, 1), nn.BatchNorm2d(out), nn.ReLU()]
+        # (momentum=None: BatchNorm's running statistics average every batch, few or many)
+        layers += [nn.Conv2d(width, out, 3, 2, 1), nn.BatchNorm2d(out, momentum=None), nn.ReLU()]
         width = out
     return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(256, 4))
 
@@ -940,14 +941,14 @@ def at_32(images):
 
 def train_rotation_net(images, seed, batch_size=128):
     """rotation_net taught to tell by how many quarter turns images (in [-1, 1], 32x32) were
-    turned, in as many random batches as ten passes over them; seeded, and leaving the global
-    random state as it was."""
+    turned, in as many random batches as ten passes over them (at least ten); seeded, and leaving
+    the global random state as it was."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)  # (the CPU's alone)
         net = rotation_net(images.shape[1]).to(images.device)
     rng = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam(net.parameters(), 1e-3)
-    for _ in range(10 * len(images) // batch_size):
+    for _ in range(max(10, 10 * len(images) // batch_size)):
         batch = images[torch.randint(len(images), (batch_size,), generator=rng).to(images.device)]
         turns = torch.randint(4, (batch_size,), generator=rng).to(images.device)
         turned = torch.cat([torch.rot90(batch[turns == k], k, (2, 3)) for k in range(4)])
@@ -966,7 +967,7 @@ def features(net, images):
 
 def frechet_distance(a, b):
     """|mean_a - mean_b|^2 + Tr(Ca + Cb - 2 (Ca^1/2 Cb Ca^1/2)^1/2) of two sets of features."""
-    cov_a, cov_b = torch.cov(a.T), torch.cov(b.T)
+    cov_a, cov_b = torch.cov(a.T, correction=0), torch.cov(b.T, correction=0)  # (also of one)
     values, vectors = torch.linalg.eigh(cov_a)
     root_a = vectors @ torch.diag(values.clamp(min=0).sqrt()) @ vectors.T
     cross = torch.linalg.eigvalsh(root_a @ cov_b @ root_a).clamp(min=0).sqrt().sum()
@@ -978,11 +979,11 @@ def start_scores(outf, data, indices, n, seed, scores, best_G, device):
     """The rotation network, taught on the real images data[indices], and its features of the
     first n, which the score compares with; scores.csv and netG_best.pth as the checkpoint has
     them (a resume may go back to an earlier one)."""
+    write_rows(os.path.join(outf, "scores.csv"), [("epoch", "score"), *scores], "w")
+    write_best_G(outf, best_G)
     real = torch.cat(list(uint8_batches(data, indices, 256))).to(device)
     real = at_32(real / 127.5 - 1)
     net = train_rotation_net(real, seed)
-    write_rows(os.path.join(outf, "scores.csv"), [("epoch", "score"), *scores], "w")
-    write_best_G(outf, best_G)
     return net, features(net, real[:n])
 
 

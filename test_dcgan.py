@@ -1195,7 +1195,7 @@ def test_mnist_downloads_into_a_new_folder_once_per_node(tmp_path, http_folder):
     folder, files = make_mnist_mirror(tmp_path / "mirror")
     mirror, asked = http_folder(folder)
     root = tmp_path / "new" / "mnist"  # does not exist yet
-    r, trace = torchrun(tmp_path, ["--dataset", "mnist", "--dataroot", root, *TINY, "--batchSize", 8,
+    r, trace = torchrun(tmp_path, ["--dataset", "mnist", "--dataroot", root, *TINY, *SCORED, "--batchSize", 8,
                                    "--max-steps", 2, "--outf", tmp_path / "out", "--log-every", 1],
                         env={"DCGAN_MNIST_MIRROR": mirror, "DCGAN_MNIST_FILES": files})
     assert r.returncode == 0 and exit_codes(trace) == [0, 0], r.stderr[-3000:]
@@ -1243,7 +1243,8 @@ def test_a_short_synthetic_run_moves_g_toward_the_data(tmp_path, capsys):
     G0.apply(dcgan.weights_init)
     start = mean_image_distance(G0, data, 100)
     assert run_main(["--dataset", "synthetic", "--imageSize", 16, "--batchSize", 64,
-                     "--niter", 3, "--max-steps", 300, "--outf", out, "--log-every", 100]) == 0
+                     "--niter", 3, "--max-steps", 300, "--outf", out, "--log-every", 100,
+                     "--score-images", 0]) == 0
     G = dcgan.Generator(100, 64, 3, 16)
     G.load_state_dict(state(out / "checkpoint.pt")["netG"])
     end = mean_image_distance(G, data, 100)
@@ -1334,7 +1335,6 @@ def test_the_score_of_real_images_against_real_ones_is_far_below_an_untrained_gs
     floor = dcgan.frechet_distance(reals, dcgan.features(net, other))
     untrained = dcgan.frechet_distance(reals, dcgan.features(net, fake))
     assert abs(dcgan.frechet_distance(reals, reals)) < 1e-6 and 0 < floor < 0.05 * untrained, (floor, untrained)
-    assert dcgan.frechet_distance(reals, dcgan.features(net, fake)) == untrained  # the same G, the same score
     flat = dcgan.frechet_distance(reals, dcgan.features(net, torch.zeros_like(real)))
     assert math.isfinite(flat) and flat > floor
     # the same images and seed, the same network

@@ -68,7 +68,8 @@ def main():
             netG = dcgan.load_generator(path)[0]
             fake, fake_2000 = samples(netG, 1000, opt.batchSize), samples(netG, 2000, 256)
             for name, (bench_net, bench_real) in zip(("benchmark", "benchmark, net 1"), benchmarks):
-                run[name].append(quality.frechet(bench_real, quality.features(bench_net, fake_2000)))
+                fake_features = quality.features(bench_net, fake_2000)
+                run[name].append(quality.frechet(bench_real, fake_features))
             fake_features = dcgan.features(net, fake)
             run["score"].append(dcgan.frechet_distance(real_features, fake_features))
             run["other real"].append(dcgan.frechet_distance(other_features, fake_features))
@@ -90,7 +91,6 @@ def main():
               f"{statistics.median(rho):.2f}; no worse than the last G on {no_worse} of "
               f"{len(runs)}; best / run's best {' '.join(f'{r:.2f}' for r in ratio)}, median "
               f"{statistics.median(ratio):.2f}; picks {', '.join(picks)}")
-
 
 
 if __name__ == "__main__":
