@@ -1316,10 +1316,10 @@ class Run:
         """The epoch's score (lower is better) in scores.csv, and its G as best_G when no epoch
         scored lower: samples from fixed noise against the real images drawn at the start."""
         opt = self.opt
-        n = min(opt.score_images, len(self.data))
-        z = torch.randn(n, opt.nz, 1, 1, generator=torch.Generator().manual_seed(0))
-        fake = torch.cat([self.samples(part.to(self.device)) for part in z.split(opt.batchSize)])
         net, real_features = self.scorer
+        noise = torch.Generator().manual_seed(0)
+        z = torch.randn(len(real_features), opt.nz, 1, 1, generator=noise)
+        fake = torch.cat([self.samples(part.to(self.device)) for part in z.split(opt.batchSize)])
         score = frechet_distance(real_features, features(net, fake))
         best = min(self.scores, key=lambda row: row[1], default=[None, math.inf])
         self.scores.append([epoch_done, score])
