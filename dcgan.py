@@ -262,8 +262,8 @@ def decode_image(path, nc):
 
 
 class Images(torch.utils.data.Dataset):
-    """(uint8 image (nc, S, S), None) from the files under root; of a file that cannot be read, the
-    next readable file's image (up to 100 on) or None, and the file's path."""
+    """(uint8 image (nc, S, S), its file's path) from the files under root; None for the image of a
+    file that cannot be read."""
 
     def __init__(self, root, paths, nc, transform):
         self.root, self.paths, self.nc, self.transform = root, paths, nc, transform
@@ -272,11 +272,8 @@ class Images(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i):
-        for j in range(i, i + 100):
-            img = decode_image(self.paths[j % len(self.paths)], self.nc)
-            if img is not None:
-                return self.transform(img), None if j == i else self.paths[i]
-        return None, self.paths[i]
+        img = decode_image(self.paths[i], self.nc)
+        return None if img is None else self.transform(img), self.paths[i]
 
 
 def list_images(root):
@@ -351,8 +348,8 @@ def data_keys(opt, dataset):
     for path in getattr(dataset, "paths", ()):
         try:
             stat = os.stat(path)
-        except OSError:  # a dangling link: an unreadable file, whose place the next one takes
-            stat = os.lstat(path)
+        except OSError:  # a dangling link
+            raise Fail(EXIT_DATA, f"{path} cannot be read; remove or replace it") from None
         name = os.path.relpath(path, dataset.root)
         names.update(os.fsencode(f"{name} {stat.st_size}\n"))  # (names need not be UTF-8)
         times.update(os.fsencode(f"{name} {stat.st_mtime_ns}\n"))
@@ -460,32 +457,23 @@ def mapped(path, shape):
 
 
 def decode_all(dataset, workers, log, out):
-    """The data set's images into out (N, C, S, S). Unreadable files are named, and more than 1% of
-    them stop the run."""
-    unreadable, done, last_log = [], 0, time.monotonic()
-    for images in uint8_batches(dataset, range(len(dataset)), 256, workers, unreadable=unreadable):
+    """The data set's images into out (N, C, S, S)."""
+    done, last_log = 0, time.monotonic()
+    for images in uint8_batches(dataset, range(len(dataset)), 256, workers):
         out[done:done + len(images)] = images
         done += len(images)
         if time.monotonic() - last_log > 5 or done == len(dataset):
             log(f"decoding the data set once: {done}/{len(dataset)} images")
             last_log = time.monotonic()
-    if unreadable:
-        more = " and more" if len(unreadable) > 5 else ""
-        warn(f"{len(unreadable)} unreadable image(s), each replaced by the next readable one: "
-             f"{', '.join(unreadable[:5])}{more}")
-    if len(unreadable) > max(1, len(dataset) // 100):
-        raise Fail(EXIT_DATA, f"{len(unreadable)} of {len(dataset)} images in --dataroot could "
-                              f"not be read (first: {unreadable[0]}); remove or replace them")
 
 
 def readable_batch(items):
-    """Images' pairs as (the images stacked, the paths of the files whose place another took), or
-    as (None, the paths of the missing images) if one is missing; of a torchvision set's (image,
-    label), the image."""
-    images = [img for img, _ in items]
-    if any(img is None for img in images):
-        return None, [x for img, x in items if img is None]
-    return torch.stack(images), [x for _, x in items if isinstance(x, str)]
+    """(image, path or label) pairs as (the images stacked, []), or as (None, the paths of the
+    files that cannot be read) if there are any."""
+    unreadable = [path for img, path in items if img is None]
+    if unreadable:
+        return None, unreadable
+    return torch.stack([img for img, _ in items]), []
 
 
 def ignore_signals(worker_id):
@@ -495,11 +483,9 @@ def ignore_signals(worker_id):
         signal.signal(signum, signal.SIG_IGN)
 
 
-def uint8_batches(data, order, batch_size, workers=0, pin_memory=False, unreadable=None,
-                  worker_init_fn=None):
-    """data[order] in batches: slices of a decoded tensor, or decoded by `workers` processes. A file
-    that cannot be read is replaced by the next readable one and named, in the list `unreadable`
-    if given, else in a warning; 100 in a row stop the run."""
+def uint8_batches(data, order, batch_size, workers=0, pin_memory=False, worker_init_fn=None):
+    """data[order] in batches: slices of a decoded tensor, or decoded by `workers` processes; a
+    file that cannot be read stops the run, named."""
     if isinstance(data, torch.Tensor):
         order = torch.tensor(order, device=data.device)  # one copy an epoch, not one a step
         yield from (data[order[i:i + batch_size]] for i in range(0, len(order), batch_size))
@@ -507,15 +493,11 @@ def uint8_batches(data, order, batch_size, workers=0, pin_memory=False, unreadab
     loader = torch.utils.data.DataLoader(data, batch_size, sampler=order, num_workers=workers,
                                          collate_fn=readable_batch, pin_memory=pin_memory,
                                          worker_init_fn=worker_init_fn)
-    for images, bad in loader:
+    for images, unreadable in loader:
         if images is None:
-            raise Fail(EXIT_DATA, f"100 files in a row from {bad[0]} on cannot be read; remove or "
-                                  "replace them", every_rank=False)
-        if unreadable is None:
-            for path in bad:
-                warn(f"{path} cannot be read: the next readable image takes its place")
-        else:
-            unreadable += bad
+            raise Fail(EXIT_DATA, f"{unreadable[0]} cannot be read (nor {len(unreadable) - 1} "
+                                  "more files of its batch); remove or replace them",
+                       every_rank=False)
         yield images
 
 
@@ -663,9 +645,8 @@ def load_weights(net, path, what, key):
     if not (isinstance(state, dict) and state and
             all(isinstance(v, torch.Tensor) for v in state.values())):
         raise Fail(EXIT_FILE, f"{what} {path} is not a state dict of tensors")
-    for _ in range(2):  # DataParallel's or DDP's prefix, torch.compile's, one over the other
-        for prefix in ("module.", "_orig_mod."):
-            nn.modules.utils.consume_prefix_in_state_dict_if_present(state, prefix)
+    for prefix in ("module.", "_orig_mod."):  # DataParallel's or DDP's, then torch.compile's
+        nn.modules.utils.consume_prefix_in_state_dict_if_present(state, prefix)
     try:
         net.load_state_dict(state)
     except RuntimeError as e:
@@ -716,15 +697,10 @@ def read_checkpoint(path, config):
 
 
 def load_optimizer(optimizer, saved):
-    """Adam's saved state with this run's --lr, --beta1 and device settings, its moments in the
-    memory layout of their parameters (fused Adam walks both as flat memory)."""
+    """Adam's saved state with this run's --lr, --beta1 and device settings."""
     optimizer.load_state_dict(saved)
     for group in optimizer.param_groups:
         group.update({k: optimizer.defaults[k] for k in ("lr", "betas", "fused", "capturable")})
-    for param, state in optimizer.state.items():
-        for k, v in state.items():
-            if v.shape == param.shape:  # (not the step count)
-                state[k] = torch.empty_like(param).copy_(v)
 
 
 def write_rows(path, rows, mode="a"):
@@ -861,10 +837,9 @@ def speed_settings(opt, device, world):
     if amp == "auto":  # bf16 where the device computes in it natively, as measured (README)
         amp = "bf16" if opt.ngpu == 1 and native_bf16(device) else "off"
     amp_dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
-    channels_last = opt.channels_last
-    if channels_last is None:
-        channels_last = device.type in ("cuda", "cpu")
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    memory_format = torch.contiguous_format
+    if device.type in ("cuda", "cpu"):
+        memory_format = torch.channels_last
     # One CUDA graph a step: one CUDA GPU in one process, no fp16 (its scaler syncs with the host)
     cuda_graph = opt.cuda_graphs and device.type == "cuda" and opt.amp != "fp16" and \
         world == opt.ngpu == 1
@@ -998,21 +973,20 @@ def write_best_G(outf, best_G):
 
 # ---- The run: set up, resume, then the loop (a step, maybe a log line, a save, a stop)
 def check_outf(opt, is_main):
-    """--outf may hold no other run than the one resumed (from a checkpoint there, or a copy of
-    one), nor the best G of a run whose checkpoint has gone; said before the data loads."""
-    ckpt_path = os.path.join(opt.outf, "checkpoint.pt")
-    resume_folder = os.path.dirname(opt.resume or ckpt_path)
+    """--outf may hold no other run (its checkpoint, or the best G of one whose checkpoint has
+    gone) than the one resumed, from a checkpoint there or a copy of one; said before the data
+    loads."""
+    if not is_main:
+        return
+    resume_folder = os.path.dirname(opt.resume or os.path.join(opt.outf, "checkpoint.pt"))
     resumed_here = opt.resume is not None and \
         os.path.realpath(resume_folder or ".") == os.path.realpath(opt.outf)
-    if is_main and os.path.exists(ckpt_path) and not resumed_here:
-        todo = "a --dry-run would overwrite its files" if opt.dry_run else "--resume continues it"
-        raise Fail(EXIT_OUTPUT, f"--outf {opt.outf} already holds a run; {todo}, or choose "
-                                "another --outf")
-    if is_main and not resumed_here and os.path.exists(os.path.join(opt.outf, "netG_best.pth")):
-        raise Fail(EXIT_OUTPUT, f"--outf {opt.outf} holds an earlier run's netG_best.pth; move it "
-                                "or choose another --outf")
-    if is_main:
-        prepare_outf(opt.outf)
+    held = [name for name in ("checkpoint.pt", "netG_best.pth")
+            if os.path.exists(os.path.join(opt.outf, name))]
+    if held and not resumed_here:
+        raise Fail(EXIT_OUTPUT, f"--outf {opt.outf} already holds a run ({held[0]}); --resume "
+                                "continues one with its checkpoint.pt, or choose another --outf")
+    prepare_outf(opt.outf)
 
 
 def diverged(what, epoch, last_good):
@@ -1391,8 +1365,6 @@ def add_own_flags(a):
       help="mixed precision (auto: bf16 where the device has it natively, else off)")
     a("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
       help="each step as one CUDA graph, on one CUDA GPU without fp16")
-    a("--channels-last", action=argparse.BooleanOptionalAction,
-      help="(default: on for CUDA and the CPU)")
     a("--preload", action=argparse.BooleanOptionalAction, default=True,
       help="decode the data set once, not every epoch")
     cache = os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache"))
