@@ -332,7 +332,7 @@ def open_torchvision(opt):
                               f"{(str(e).splitlines() or [e])[0]}; {todo}") from None
 
 
-DECODE_VERSION = 2  # part of the cache's name: raise it when what a decode makes of a file changes
+DECODE_VERSION = 3  # part of the cache's name: raise it when what a decode makes of a file changes
 
 
 def data_keys(opt, dataset):
@@ -349,7 +349,8 @@ def data_keys(opt, dataset):
         try:
             stat = os.stat(path)
         except OSError:  # a dangling link
-            raise Fail(EXIT_DATA, f"{path} cannot be read; remove or replace it") from None
+            raise Fail(EXIT_DATA, f"{path} cannot be read; remove or replace unreadable files") \
+                from None
         name = os.path.relpath(path, dataset.root)
         names.update(os.fsencode(f"{name} {stat.st_size}\n"))  # (names need not be UTF-8)
         times.update(os.fsencode(f"{name} {stat.st_mtime_ns}\n"))
@@ -495,8 +496,10 @@ def uint8_batches(data, order, batch_size, workers=0, pin_memory=False, worker_i
                                          worker_init_fn=worker_init_fn)
     for images, unreadable in loader:
         if images is None:
-            raise Fail(EXIT_DATA, f"{unreadable[0]} cannot be read (nor {len(unreadable) - 1} "
-                                  "more files of its batch); remove or replace them",
+            what = unreadable[0]
+            if len(unreadable) > 1:
+                what += f" (and {len(unreadable) - 1} more files of its batch)"
+            raise Fail(EXIT_DATA, f"{what} cannot be read; remove or replace unreadable files",
                        every_rank=False)
         yield images
 
@@ -533,6 +536,8 @@ def disk_errors(path, todo="free disk space or fix its folder's permissions"):
     line naming path, exit 6; any other error passes."""
     try:
         yield
+    except Fail:
+        raise
     except Exception as e:
         cause = e
         while cause is not None and not isinstance(cause, OSError):
@@ -645,8 +650,9 @@ def load_weights(net, path, what, key):
     if not (isinstance(state, dict) and state and
             all(isinstance(v, torch.Tensor) for v in state.values())):
         raise Fail(EXIT_FILE, f"{what} {path} is not a state dict of tensors")
-    for prefix in ("module.", "_orig_mod."):  # DataParallel's or DDP's, then torch.compile's
-        nn.modules.utils.consume_prefix_in_state_dict_if_present(state, prefix)
+    for _ in range(2):  # DataParallel's or DDP's prefix, torch.compile's, one over the other
+        for prefix in ("module.", "_orig_mod."):
+            nn.modules.utils.consume_prefix_in_state_dict_if_present(state, prefix)
     try:
         net.load_state_dict(state)
     except RuntimeError as e:
@@ -697,10 +703,16 @@ def read_checkpoint(path, config):
 
 
 def load_optimizer(optimizer, saved):
-    """Adam's saved state with this run's --lr, --beta1 and device settings."""
+    """Adam's saved state with this run's --lr, --beta1 and device settings, its moments in the
+    memory layout of their parameters: fused Adam walks both as flat memory, and a checkpoint of
+    an earlier dcgan.py may hold them in another."""
     optimizer.load_state_dict(saved)
     for group in optimizer.param_groups:
         group.update({k: optimizer.defaults[k] for k in ("lr", "betas", "fused", "capturable")})
+    for param, state in optimizer.state.items():
+        for k, v in state.items():
+            if v.shape == param.shape:  # (not the step count)
+                state[k] = torch.empty_like(param).copy_(v)
 
 
 def write_rows(path, rows, mode="a"):
@@ -973,19 +985,21 @@ def write_best_G(outf, best_G):
 
 # ---- The run: set up, resume, then the loop (a step, maybe a log line, a save, a stop)
 def check_outf(opt, is_main):
-    """--outf may hold no other run (its checkpoint, or the best G of one whose checkpoint has
-    gone) than the one resumed, from a checkpoint there or a copy of one; said before the data
-    loads."""
+    """--outf may hold no other run than the one resumed (from a checkpoint there, or a copy of
+    one), nor the best G of a run whose checkpoint has gone; said before the data loads."""
     if not is_main:
         return
-    resume_folder = os.path.dirname(opt.resume or os.path.join(opt.outf, "checkpoint.pt"))
+    ckpt_path = os.path.join(opt.outf, "checkpoint.pt")
+    resume_folder = os.path.dirname(opt.resume or ckpt_path)
     resumed_here = opt.resume is not None and \
         os.path.realpath(resume_folder or ".") == os.path.realpath(opt.outf)
-    held = [name for name in ("checkpoint.pt", "netG_best.pth")
-            if os.path.exists(os.path.join(opt.outf, name))]
-    if held and not resumed_here:
-        raise Fail(EXIT_OUTPUT, f"--outf {opt.outf} already holds a run ({held[0]}); --resume "
-                                "continues one with its checkpoint.pt, or choose another --outf")
+    if os.path.exists(ckpt_path) and not resumed_here:
+        todo = "a --dry-run would overwrite its files" if opt.dry_run else "--resume continues it"
+        raise Fail(EXIT_OUTPUT, f"--outf {opt.outf} already holds a run; {todo}, or choose "
+                                "another --outf")
+    if os.path.exists(os.path.join(opt.outf, "netG_best.pth")) and not resumed_here:
+        raise Fail(EXIT_OUTPUT, f"--outf {opt.outf} holds an earlier run's netG_best.pth; move it "
+                                "or choose another --outf")
     prepare_outf(opt.outf)
 
 
@@ -1086,7 +1100,7 @@ class Run:
         self.fixed_noise, self.history = ckpt["fixed_noise"], ckpt["history"]
         self.scores, self.best_G = ckpt["scores"], ckpt["best_G"]
         self.epoch, self.epoch_it, self.step = ckpt["epoch"], ckpt["iter"], ckpt["step"]
-        self.window_start, sums = ckpt.get("log_window", [self.step, torch.zeros(5)])
+        self.window_start, sums = ckpt["log_window"]
         self.sums = sums.to(self.device)
         self.log(f"resumed from {self.last_good} at epoch {self.epoch}, iteration {self.epoch_it} "
                  f"(step {self.step})")

@@ -236,6 +236,15 @@ def test_pytorch_examples_weights_load_and_compute_the_same(tmp_path):
                      "--outf", out, "--cache-dir", ""]) == 0
 
 
+def test_weights_of_a_wrapped_or_compiled_module_load(tmp_path):
+    G = dcgan.Generator(ngf=8, image_size=16)
+    for prefix in ("module.", "_orig_mod.", "module._orig_mod.", "_orig_mod.module."):  # DDP, compile, both
+        torch.save({prefix + k: v for k, v in G.state_dict().items()}, tmp_path / "g.pth")
+        loaded = dcgan.Generator(ngf=8, image_size=16)
+        dcgan.load_weights(loaded, str(tmp_path / "g.pth"), "--netG", "netG")
+        assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in G.state_dict().items()), prefix
+
+
 # ------------------------------------------------------------------------------------------------
 # One training iteration
 # ------------------------------------------------------------------------------------------------
@@ -436,18 +445,24 @@ def test_odd_images_decode_each_into_its_own_place(tmp_path):
         assert torch.equal(decoded[i], data.transform(dcgan.decode_image(path, 3))), path
 
 
-@pytest.mark.parametrize("bad", ["garbage", "truncated", "dangling link"])
+@pytest.mark.parametrize("bad", ["garbage", "truncated", "three in one batch", "dangling link"])
 def test_an_unreadable_image_stops_the_decode_in_one_line_naming_it(tmp_path, bad):
     d = make_images(tmp_path / "imgs", 300, size=(20, 20))
     good = (d / "000000.jpg").read_bytes()
-    if bad == "dangling link":
+    if bad == "dangling link":  # refused before the decode, where the data set is named
         os.symlink(tmp_path / "nowhere.png", d / "bad.png")
+        opt = dcgan.parse_args(["--dataset", "folder", "--dataroot", str(d), "--imageSize", "16"])
+        with pytest.raises(dcgan.Fail) as e:
+            dcgan.data_keys(opt, dcgan.open_dataset(opt))
+        assert e.value.code == dcgan.EXIT_DATA and str(e.value).startswith(f"{d / 'bad.png'} cannot be read")
     else:
-        (d / "bad.png").write_bytes(b"garbage" if bad == "garbage" else good[:len(good) // 3])
+        for name in ["bad.png", "bad1.png", "bad2.png"][:3 if bad.startswith("three") else 1]:
+            (d / name).write_bytes(good[:len(good) // 3] if bad == "truncated" else b"garbage")
     r = cli(["--dataset", "folder", "--dataroot", d, "--outf", tmp_path / "out", "--cache-dir", tmp_path / "c",
              "--workers", 1, *TINY])
     assert r.returncode == dcgan.EXIT_DATA and r.stderr.count("\n") == 1, r.stderr[-3000:]
-    assert f"{d / 'bad.png'} cannot be read" in r.stderr
+    more = " (and 2 more files of its batch)" if bad.startswith("three") else ""
+    assert f"{d / 'bad.png'}{more} cannot be read; remove or replace unreadable files" in r.stderr
     assert not os.path.exists(tmp_path / "c") or cached_files(tmp_path / "c") == []  # no cache left
 
 
@@ -460,7 +475,9 @@ def test_an_unreadable_file_in_a_stream_stops_the_run_naming_it(tmp_path, comman
     r = cli(["--dataset", "folder", "--dataroot", d, *TINY, "--batchSize", 10, "--workers", 1, "--outf", tmp_path / "o",
              "--niter", 1, *command])
     assert r.returncode == dcgan.EXIT_DATA and r.stderr.count("\n") == 1, r.stderr[-3000:]
-    assert f"{d / '000100.jpg'} cannot be read (nor 0 more files of its batch)" in r.stderr
+    assert f"{d / '000100.jpg'} cannot be read; remove" in r.stderr
+    if "--export-real" in command:  # no folder of some of the images, and no temporary
+        assert os.listdir(tmp_path / "o") == []
 
 
 def test_a_symlink_cycle_in_the_data_folder_is_followed_once(tmp_path):
@@ -793,6 +810,26 @@ def test_a_resume_on_other_data_is_refused_in_one_line(tmp_path, image_folder):
     assert r.returncode == dcgan.EXIT_FILE and "data folder-16px-40-" in r.stderr and "vs folder-16px-41-" in r.stderr and r.stderr.count("\n") == 1
 
 
+def test_adams_moments_in_another_memory_layout_resume_exactly(tmp_path):
+    """Fused Adam walks weights and moments as flat memory. Moments saved contiguous under channels-last
+    weights (as an earlier dcgan.py's --no-channels-last saved them) are rebuilt in the weights' layout:
+    the resumed steps are bitwise those of the checkpoint as this version saves it."""
+    args = ["--dataset", "synthetic", *TINY, "--cache-dir", ""]
+    assert run_main(args + ["--outf", tmp_path / "a", "--max-steps", 3]) == 0
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    ckpt, relaid = state(tmp_path / "b" / "checkpoint.pt"), 0
+    for name in ("optG", "optD"):
+        for moments in ckpt[name]["state"].values():
+            for k, v in moments.items():
+                relaid += not v.is_contiguous()
+                moments[k] = v.contiguous()
+    torch.save(ckpt, tmp_path / "b" / "checkpoint.pt")
+    assert relaid > 10
+    for x in "ab":
+        assert run_main(args + ["--outf", tmp_path / x, "--resume", "--max-steps", 2]) == 0
+    assert_same_training_state(state(tmp_path / "a" / "checkpoint.pt"), state(tmp_path / "b" / "checkpoint.pt"))
+
+
 def test_a_checkpoint_of_another_device_type_is_refused_in_one_line(tmp_path, short_run):
     """G's noise comes from a generator of the device's own kind, and a CUDA generator's state (16 bytes)
     does not fit a CPU generator: a CUDA checkpoint resumed on the CPU is refused, not a traceback."""
@@ -1009,7 +1046,7 @@ def test_torchrun_user_errors_end_every_rank_with_one_line(tmp_path):
         (bad / f"broken{i}.jpg").write_bytes(b"garbage")
     r, trace = torchrun(tmp_path, ["--dataset", "folder", "--dataroot", bad, *TINY, "--outf", tmp_path / "o2"])
     assert exit_codes(trace) == [dcgan.EXIT_DATA] * 2  # found by the decode on local rank 0 alone
-    one_error_line(r, "could not be read")
+    one_error_line(r, "broken0.jpg (and 4 more files of its batch) cannot be read")
     r, trace = torchrun(tmp_path, syn + ["--lr", "-1"])
     assert exit_codes(trace) == [dcgan.EXIT_USAGE] * 2
     one_error_line(r, "--lr")
