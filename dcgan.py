@@ -498,7 +498,7 @@ def uint8_batches(data, order, batch_size, workers=0, pin_memory=False, worker_i
         if images is None:
             what = unreadable[0]
             if len(unreadable) > 1:
-                what += f" (and {len(unreadable) - 1} more files of its batch)"
+                what += f" (and {len(unreadable) - 1} more in its batch)"
             raise Fail(EXIT_DATA, f"{what} cannot be read; remove or replace unreadable files",
                        every_rank=False)
         yield images

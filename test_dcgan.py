@@ -461,7 +461,7 @@ def test_an_unreadable_image_stops_the_decode_in_one_line_naming_it(tmp_path, ba
     r = cli(["--dataset", "folder", "--dataroot", d, "--outf", tmp_path / "out", "--cache-dir", tmp_path / "c",
              "--workers", 1, *TINY])
     assert r.returncode == dcgan.EXIT_DATA and r.stderr.count("\n") == 1, r.stderr[-3000:]
-    more = " (and 2 more files of its batch)" if bad.startswith("three") else ""
+    more = " (and 2 more in its batch)" if bad.startswith("three") else ""
     assert f"{d / 'bad.png'}{more} cannot be read; remove or replace unreadable files" in r.stderr
     assert not os.path.exists(tmp_path / "c") or cached_files(tmp_path / "c") == []  # no cache left
 
@@ -858,7 +858,10 @@ def test_resuming_into_a_folder_that_holds_another_run_is_refused(tmp_path, shor
     assert run_main(["--dataset", "fake", *TINY, "--max-steps", 1, "--outf", other, "--cache-dir", ""]) == 0
     before = {f: (other / f).read_bytes() for f in os.listdir(other)}
     r = cli(["--dataset", "synthetic", *TINY, "--resume", short_run / "checkpoint.pt", "--outf", other])
-    assert r.returncode == dcgan.EXIT_OUTPUT and "already holds a run" in r.stderr and r.stderr.count("\n") == 1
+    assert r.returncode == dcgan.EXIT_OUTPUT and "already holds a run; --resume continues it" in r.stderr
+    assert r.stderr.count("\n") == 1
+    r = cli(["--dataset", "fake", *TINY, "--dry-run", "--outf", other])
+    assert r.returncode == dcgan.EXIT_OUTPUT and "already holds a run; a --dry-run would overwrite" in r.stderr
     assert {f: (other / f).read_bytes() for f in os.listdir(other)} == before
     # into a new folder it goes on, and from a copy of a checkpoint in its own folder (back to it)
     assert run_main(["--dataset", "synthetic", *TINY, "--resume", short_run / "checkpoint.pt",
@@ -1046,7 +1049,7 @@ def test_torchrun_user_errors_end_every_rank_with_one_line(tmp_path):
         (bad / f"broken{i}.jpg").write_bytes(b"garbage")
     r, trace = torchrun(tmp_path, ["--dataset", "folder", "--dataroot", bad, *TINY, "--outf", tmp_path / "o2"])
     assert exit_codes(trace) == [dcgan.EXIT_DATA] * 2  # found by the decode on local rank 0 alone
-    one_error_line(r, "broken0.jpg (and 4 more files of its batch) cannot be read")
+    one_error_line(r, "broken0.jpg (and 4 more in its batch) cannot be read")
     r, trace = torchrun(tmp_path, syn + ["--lr", "-1"])
     assert exit_codes(trace) == [dcgan.EXIT_USAGE] * 2
     one_error_line(r, "--lr")
@@ -1292,7 +1295,7 @@ def test_a_best_g_whose_checkpoint_has_gone_is_never_overwritten(tmp_path):
     kept = {name: (out / name).read_bytes() for name in ("netG_best.pth", "scores.csv")}
     for extra in ([], ["--dry-run"]):
         r = cli(argv + extra)
-        assert r.returncode == dcgan.EXIT_OUTPUT and "netG_best.pth" in r.stderr, r.stderr
+        assert r.returncode == dcgan.EXIT_OUTPUT and "holds an earlier run's netG_best.pth; move it" in r.stderr, r.stderr
         assert r.stderr.count("\n") == 1
     assert {name: (out / name).read_bytes() for name in kept} == kept
 
