@@ -215,7 +215,8 @@ def synthetic_faces(n, size, nc=3, seed=0):
     """Learnable face-like images, seeded: a head, eyes and a mouth, in varied colours, places."""
     rng = torch.Generator().manual_seed(seed)
     out = torch.empty(n, nc, size, size, dtype=torch.uint8)
-    ys, xs = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
+    xs = torch.linspace(-1, 1, size)  # (S,): x along a row; ys (S, 1): y down a column
+    ys = xs.view(-1, 1)
 
     def ellipse(x0, y0, ax, ay):  # a soft-edged mask, anti-aliased over about one pixel
         return torch.sigmoid((1 - (((xs - x0) / ax) ** 2 + ((ys - y0) / ay) ** 2)) * size / 4)
@@ -364,10 +365,10 @@ def preloaded(opt, dataset, cache_name, device, log):
     """The data set as one uint8 tensor (N, C, S, S): memory-mapped from --cache-dir, else decoded
     into memory; on a GPU, moved there if it fits in half its free memory. With --no-preload, the
     Dataset itself, decoded every epoch."""
-    if not isinstance(dataset, torch.Tensor) and not opt.preload:
-        return dataset
     data = dataset
     if not isinstance(dataset, torch.Tensor):
+        if not opt.preload:
+            return dataset
         data = decoded(opt, dataset, cache_name, log)
     if device.type == "cuda" and data.nbytes < torch.cuda.mem_get_info(device)[0] // 2:
         data = data.to(device)
@@ -522,7 +523,10 @@ def epoch_batches(data, opt, ranks, epoch, start, device, memory_format):
 # old file or the new one, whole. Rank 0 alone writes into --outf.
 def remove(path):
     with contextlib.suppress(OSError):
-        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        else:
+            os.remove(path)
 
 
 def temporary_name(path):
@@ -728,7 +732,9 @@ def pick_device(opt, local_rank=0, world=1):
     """--device, --cuda or --accel, else the current accelerator, else the CPU; under torchrun the
     device of LOCAL_RANK."""
     accel = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
-    flag = f"--device {opt.device}" if opt.device else "--cuda" if opt.cuda else "--accel"
+    flag = "--accel"
+    if opt.device or opt.cuda:
+        flag = f"--device {opt.device}" if opt.device else "--cuda"
     if opt.accel and accel is None:  # as in pytorch/examples: the CPU runs it
         warn("--accel was given but no accelerator is present; running on the CPU")
     try:
